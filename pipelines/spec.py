@@ -1,0 +1,219 @@
+"""The pipeline spec: a YAML file validated by pydantic.
+
+Unknown keys and wrong types are errors that name the key path and the expected type, e.g.
+`adapter.r: expected an integer, got 'eight'`. `--set a.b=v` overrides any key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from serve.config import ServeSpec
+from workers.config import AdapterSpec, DataSpec, ModelSpec, TrainSpec
+from workers.errors import SpecError
+from workers.methods.base import StrictModel
+
+DEFAULT_SELECTION = {"seq-cls": ("accuracy", True), "causal-lm": ("eval_loss", False)}
+
+
+class TrackSpec(StrictModel):
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default sqlite:///<workspace>/mlflow.db with artifacts "
+        "in <workspace>/mlartifacts. Any 'mlflow server' URI works.",
+    )
+    experiment: str = Field("adapterflow", description="MLflow experiment name.")
+    registered_model: str | None = Field(
+        None, description="Registry name the adapter is registered under (default: spec name)."
+    )
+    alias: str = Field("champion", description="Alias moved to a new version that is at least as good.")
+    selection_metric: str | None = Field(
+        None, description="Metric deciding the alias (default: accuracy for seq-cls, eval_loss for causal-lm)."
+    )
+    greater_is_better: bool | None = Field(None, description="Direction of selection_metric.")
+
+    def selection(self, task: str) -> tuple[str, bool]:
+        metric, greater = DEFAULT_SELECTION[task]
+        if self.selection_metric is not None:
+            metric = self.selection_metric
+            greater = not metric.endswith(("loss", "perplexity")) if self.greater_is_better is None else greater
+        if self.greater_is_better is not None:
+            greater = self.greater_is_better
+        return metric, greater
+
+
+class PipelineSpec(StrictModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Pipeline name.")
+    workspace: str = Field(
+        ".adapterflow", description="Folder for MLflow's SQLite store, artifacts and Ray results."
+    )
+    ray_address: str | None = Field(None, description="Ray cluster address; null = local instance.")
+    model: ModelSpec
+    data: DataSpec
+    adapter: AdapterSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    track: TrackSpec = Field(default_factory=TrackSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+    version: Literal[1] = 1
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.model.task == "causal-lm" and (self.model.num_labels or self.model.id2label):
+            raise ValueError("model.num_labels/id2label apply to seq-cls only; remove them for causal-lm")
+        return self
+
+    def with_absolute_paths(self, base: Path | None = None) -> PipelineSpec:
+        """Local model and data paths made absolute, so Ray workers (other cwd) find them."""
+        base = base or Path.cwd()
+        out = self.model_copy(deep=True)
+        for section, key in ((out.model, "name"), (out.data, "path")):
+            value = getattr(section, key)
+            p = Path(value).expanduser()
+            if not value.startswith("package:") and not p.is_absolute() and (base / p).exists():
+                setattr(section, key, str((base / p).resolve()))
+        out.workspace = str(self.workspace_path())
+        return out
+
+    def registered_model_name(self) -> str:
+        return self.track.registered_model or self.name
+
+    def workspace_path(self) -> Path:
+        return Path(self.workspace).expanduser().resolve()
+
+
+# ---------------------------------------------------------------- errors that name the key path
+_EXPECTED = {
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string",
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "list_type": "expected a list",
+}
+
+
+def _key_path(loc: tuple, error_type: str) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        # a discriminated union puts the tag (e.g. 'lora') into the location: drop it
+        if parts == ["adapter"] and i == 1 and isinstance(item, str) and len(loc) > 2:
+            continue
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        elif item in ("function-after", "literal", "union") or str(item).startswith(("list[", "dict[")):
+            continue
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def format_errors(err: ValidationError, model: type[StrictModel] = None) -> list[str]:
+    lines = []
+    for e in err.errors():
+        path = _key_path(tuple(e["loc"]), e["type"])
+        kind = e["type"]
+        got = e.get("input")
+        if kind == "extra_forbidden":
+            lines.append(f"{path}: unknown key; remove it or check its spelling ({_allowed(path)})")
+        elif kind == "missing":
+            lines.append(f"{path}: required key is missing")
+        elif kind in _EXPECTED:
+            lines.append(f"{path}: {_EXPECTED[kind]}, got {got!r}")
+        elif kind == "union_tag_invalid":
+            tags = e.get("ctx", {}).get("expected_tags", "")
+            lines.append(f"{path}.method: unknown method {e['ctx']['tag']!r}; expected one of {tags}")
+        elif kind == "union_tag_not_found":
+            lines.append(f"{path}.method: required key is missing")
+        elif kind == "value_error":
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"{path}: {e['msg']}, got {got!r}")
+    return lines
+
+
+def _allowed(path: str) -> str:
+    node: Any = PipelineSpec
+    for part in path.split(".")[:-1]:
+        field = getattr(node, "model_fields", {}).get(part.split("[")[0])
+        if field is None:
+            return "see `adapterflow schema`"
+        node = field.annotation
+    names = sorted(getattr(node, "model_fields", {}))
+    return f"allowed here: {', '.join(names)}" if names else "see `adapterflow schema`"
+
+
+# ---------------------------------------------------------------- overrides and loading
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; value is parsed as YAML (numbers, lists...)."""
+    if "=" not in assignment:
+        raise SpecError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise SpecError(f"--set {assignment!r}: empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_spec_dict(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {str(p)!r} not found; pass the path of a pipeline YAML file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{p}: a pipeline spec is a YAML mapping with keys name, model, data, adapter, ...")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return data
+
+
+def parse_spec(data: dict, source: str = "spec") -> PipelineSpec:
+    try:
+        return PipelineSpec.model_validate(data).with_absolute_paths()
+    except ValidationError as err:
+        lines = format_errors(err)
+        raise SpecError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineSpec:
+    spec = parse_spec(load_spec_dict(path, overrides), source=str(path))
+    return spec
+
+
+def json_schema() -> str:
+    return json.dumps(PipelineSpec.model_json_schema(), indent=2)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}: the spec as MLflow params."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = json.dumps(data) if isinstance(data, (list, type(None), bool)) else str(data)
+    return out

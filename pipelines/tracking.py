@@ -1,0 +1,176 @@
+"""MLflow tracking and registry for pipeline runs.
+
+Embedded default: `sqlite:///<workspace>/mlflow.db` with artifacts under `<workspace>/mlartifacts`.
+One writer at a time on SQLite: this driver before and after training, rank 0 during it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.spec import PipelineSpec, flatten
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+PYFUNC_CODE = ROOT / "workers" / "mlflow_model.py"
+PIP_REQUIREMENTS = [
+    "torch==2.13.0", "transformers>=5.20,<6", "peft==0.21.2", "safetensors>=0.5", "pydantic>=2.10,<3",
+]
+
+
+def tracking_uri(spec: PipelineSpec) -> str:
+    if spec.track.tracking_uri:
+        return spec.track.tracking_uri
+    return f"sqlite:///{spec.workspace_path() / 'mlflow.db'}"
+
+
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def setup(spec: PipelineSpec) -> str:
+    """Point MLflow at the spec's store, create the experiment; return the tracking URI."""
+    _quiet_mlflow()
+    import mlflow
+
+    uri = tracking_uri(spec)
+    if uri.startswith("sqlite:///"):
+        spec.workspace_path().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient()
+    if client.get_experiment_by_name(spec.track.experiment) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (spec.workspace_path() / "mlartifacts").as_uri()
+        client.create_experiment(spec.track.experiment, artifact_location=location)
+    mlflow.set_experiment(spec.track.experiment)
+    return uri
+
+
+def start_run(spec: PipelineSpec, spec_dict: dict) -> str:
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(spec.track.experiment)
+    run = mlflow.MlflowClient().create_run(
+        exp.experiment_id, run_name=spec.name,
+        tags={"adapterflow.method": spec.adapter.method, "adapterflow.task": spec.model.task,
+              "adapterflow.base_model": spec.model.name},
+    )
+    run_id = run.info.run_id
+    params = flatten(spec.model_dump(mode="json"))
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_params({k: v[:6000] for k, v in params.items()})
+        mlflow.log_dict(spec_dict, "spec.yaml")
+    return run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+def log_results(run_id: str, history: list[dict], report: dict, train_metrics: dict) -> None:
+    import mlflow
+
+    with mlflow.start_run(run_id=run_id):
+        scalars = {k: float(v) for k, v in report.items() if isinstance(v, (int, float))}
+        mlflow.log_metrics(scalars)
+        for k in ("trainable_params", "total_params", "train_seconds"):
+            if k in train_metrics:
+                mlflow.log_metric(k, float(train_metrics[k]))
+        mlflow.log_dict(report, "evaluation.json")
+        mlflow.log_dict({"history": history}, "train_history.json")
+        if history:
+            mlflow.log_figure(loss_curve(history), "loss_curve.png")
+
+
+def loss_curve(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    alias: str
+    moved: bool
+    reason: str
+    model_uri: str
+
+
+def log_and_register(run_id: str, adapter_dir: Path, spec: PipelineSpec, report: dict) -> Registration:
+    """Log the adapter as an MLflow Model, register a version, and move the alias if it earned it."""
+    import mlflow
+
+    name = spec.registered_model_name()
+    metric, greater = spec.track.selection(spec.model.task)
+    if metric not in report:
+        raise KeyError(f"track.selection_metric {metric!r} is not in the evaluation report "
+                       f"({', '.join(k for k, v in report.items() if isinstance(v, (int, float)))})")
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="adapter",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"adapter": str(adapter_dir)},
+            code_paths=[str(ROOT / "workers")],
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=name,
+        )
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    value = float(report[metric])
+    client.set_model_version_tag(name, version, "selection_metric", metric)
+    client.set_model_version_tag(name, version, metric, repr(value))
+    moved, reason = _decide_alias(client, name, spec.track.alias, metric, greater, value, version)
+    if moved:
+        client.set_registered_model_alias(name, spec.track.alias, version)
+    return Registration(name, version, spec.track.alias, moved, reason, f"models:/{name}/{version}")
+
+
+def _decide_alias(client, name, alias, metric, greater, value, version) -> tuple[bool, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return True, f"no version held @{alias}; version {version} takes it ({metric}={value:.4f})"
+    held = holder.tags.get(metric)
+    held_value = float(held) if held is not None else client.get_run(holder.run_id).data.metrics.get(metric)
+    if held_value is None:
+        return True, f"version {holder.version} @{alias} has no {metric}; version {version} takes it"
+    better = value >= held_value if greater else value <= held_value
+    sign = ">=" if greater else "<="
+    if better:
+        return True, (f"version {version} {metric}={value:.4f} {sign} {held_value:.4f} of version "
+                      f"{holder.version}: @{alias} moves to {version}")
+    return False, (f"version {version} {metric}={value:.4f} is worse than {held_value:.4f} of version "
+                   f"{holder.version}: @{alias} stays on {holder.version}")
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def tmpdir() -> str:
+    return tempfile.mkdtemp(prefix="adapterflow-")

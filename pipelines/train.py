@@ -1,0 +1,178 @@
+"""Launch training on Ray Train, turn the final checkpoint into an adapter artifact, evaluate it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.spec import PipelineSpec
+from workers.errors import AdapterflowError
+
+
+class ResourceError(AdapterflowError):
+    """The job cannot get the resources it asks for."""
+
+log = logging.getLogger(__name__)
+
+QUIET_ENV = {
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def ensure_ray(spec: PipelineSpec):
+    """Connect to the spec's cluster, or start a local Ray instance; return the dashboard URL."""
+    import ray
+
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return None
+    env = {k: os.environ[k] for k in (*QUIET_ENV, "HF_HUB_OFFLINE", "HF_HOME") if k in os.environ}
+    ctx = ray.init(
+        address=spec.ray_address,
+        runtime_env={"env_vars": env},
+        logging_level=logging.WARNING,
+        log_to_driver=os.environ.get("ADAPTERFLOW_WORKER_LOGS", "0") == "1",
+    )
+    return getattr(ctx, "dashboard_url", None)
+
+
+def preflight(spec: PipelineSpec) -> None:
+    """On a fixed-size (local) cluster, refuse a job that would wait forever for resources."""
+    import ray
+
+    t = spec.train
+    if spec.ray_address is not None or t.num_workers == 0:
+        return  # a real cluster may autoscale; local mode needs no workers
+    need = {k: v * t.num_workers for k, v in t.worker_resources().items()}
+    total, free = ray.cluster_resources(), ray.available_resources()
+    for res, amount in need.items():
+        if amount > total.get(res, 0) + 1e-9:
+            raise ResourceError(
+                f"training needs {amount:g} {res} ({t.num_workers} workers x "
+                f"{amount / t.num_workers:g}) but this Ray instance has {total.get(res, 0):g}; lower "
+                "train.num_workers or train.resources_per_worker"
+            )
+        if amount > free.get(res, 0) + 1e-9:
+            raise ResourceError(
+                f"training needs {amount:g} {res} but only {free.get(res, 0):g} of "
+                f"{total.get(res, 0):g} are free (a Serve app or another job holds the rest): stop it "
+                "(`serve shutdown`) or lower train.resources_per_worker"
+            )
+
+
+@dataclass
+class TrainOutcome:
+    checkpoint: Path
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def launch_training(spec: PipelineSpec, *, mlflow_cfg: dict | None = None, fault: dict | None = None,
+                    run_name: str | None = None, resume_from: str | None = None) -> TrainOutcome:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers.ds_config import worker_env
+    from workers.train_loop import HISTORY_FILE, train_loop_per_worker
+
+    t = spec.train
+    run_name = run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    storage = spec.workspace_path() / "ray_results"
+    config = {"spec": spec.model_dump(mode="json"), "mlflow": mlflow_cfg, "fault": fault,
+              "resume_from": resume_from}
+    if t.num_workers == 0:  # local mode: Ray does not persist checkpoints, the loop does
+        config["checkpoint_root"] = str(storage / run_name / "local")
+        for k, v in worker_env(t).items():
+            os.environ.setdefault(k, v)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend=t.resolved_backend()),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=t.worker_resources()
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            worker_runtime_env={"env_vars": worker_env(t)},
+        ),
+    )
+    preflight(spec)
+    start = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - start
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} ended without a checkpoint: {result.error}")
+    path = Path(result.checkpoint.path)
+    history = json.loads((path / HISTORY_FILE).read_text()) if (path / HISTORY_FILE).is_file() else []
+    return TrainOutcome(path, dict(result.metrics or {}), history, wall)
+
+
+def build_artifact(spec: PipelineSpec, checkpoint: Path, dst: Path) -> Path:
+    """Copy the adapter out of the final checkpoint and write its manifest."""
+    from workers.artifact import write_manifest
+    from workers.data import input_template
+    from workers.models import base_fingerprint
+    from workers.train_loop import FINAL_ADAPTER_DIR
+
+    src = checkpoint / FINAL_ADAPTER_DIR
+    if not src.is_dir():
+        raise RuntimeError(f"{checkpoint}: final checkpoint has no '{FINAL_ADAPTER_DIR}' folder")
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    for readme in dst.glob("README.md"):
+        readme.unlink()  # PEFT's model card template: not part of the artifact
+    model = spec.model.model_dump(mode="json")
+    if spec.model.task == "seq-cls":
+        model["id2label"] = {str(k): v for k, v in spec.model.labels().items()}
+        model["num_labels"] = len(model["id2label"])
+    write_manifest(
+        dst, method=spec.adapter.method, model=model, base_sha256=base_fingerprint(spec.model),
+        extra={"adapter": spec.adapter.model_dump(mode="json"),
+               "input_template": input_template(spec.data), "max_length": spec.data.max_length},
+    )
+    return dst
+
+
+def evaluate_artifact(spec: PipelineSpec, adapter_dir: Path, threads: int | None = None) -> dict:
+    """Evaluate a saved adapter on the spec's eval split with the same code a replica runs."""
+    import torch
+    from peft import PeftModel
+
+    from workers.data import encode, load_train_eval
+    from workers.evaluate import evaluate_model
+    from workers.models import load_model, load_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    _, evals = load_train_eval(spec.data, spec.train.seed)
+    if not evals:
+        raise RuntimeError(
+            f"data: no evaluation split {spec.data.eval_split!r} in {spec.data.path!r}; set "
+            "data.eval_split or data.eval_fraction"
+        )
+    tok = load_tokenizer(spec.model)
+    model = PeftModel.from_pretrained(load_model(spec.model, tok), str(adapter_dir))
+    examples = encode(evals, spec.data, spec.model, tok)
+    num_labels = len(spec.model.labels()) if spec.model.task == "seq-cls" else None
+    report = evaluate_model(model, tok, examples, spec.model.task, num_labels)
+    report["split"] = spec.data.eval_split if spec.data.eval_split else "held-out"
+    if spec.model.task == "seq-cls":
+        report["id2label"] = {str(k): v for k, v in spec.model.labels().items()}
+    return report

@@ -1,0 +1,28 @@
+"""The `serve` section of a pipeline spec."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from workers.methods.base import StrictModel
+
+
+class ServeSpec(StrictModel):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
+    route_prefix: str = Field("/", description="URL prefix of the app.")
+    app_name: str = Field("adapterflow", description="Ray Serve application name.")
+    num_replicas: int = Field(1, gt=0)
+    num_cpus: float = Field(
+        0.5, gt=0, description="CPUs per replica (fractional so serving and training coexist)."
+    )
+    threads: int = Field(1, gt=0, description="torch threads per replica.")
+    api_key_env: str | None = Field(
+        None,
+        description="Name of an environment variable holding the API key; when set, requests "
+        "need 'Authorization: Bearer <key>'. The key itself never goes in a spec.",
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Default completion length.")
+    samples: list[str] = Field(
+        default_factory=list, description="Inputs sent to the deployment by `adapterflow run`."
+    )

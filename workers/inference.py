@@ -1,0 +1,129 @@
+"""The inference engine a Ray Serve replica (and the MLflow pyfunc model) runs: one base model,
+any number of adapters loaded by name, classification and text completion."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from workers.artifact import check_base
+from workers.config import ModelSpec
+from workers.errors import AdapterIntegrityError, UnknownAdapterError
+
+log = logging.getLogger(__name__)
+
+
+class WrongTaskError(ValueError):
+    """A request for a task the adapter was not trained for."""
+
+
+class Engine:
+    def __init__(self, model_spec: ModelSpec | dict, threads: int | None = None):
+        import torch
+
+        from workers.models import base_fingerprint, load_model, load_tokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = model_spec if isinstance(model_spec, ModelSpec) else ModelSpec.model_validate(model_spec)
+        self.tokenizer = load_tokenizer(self.spec)
+        self.base = load_model(self.spec, self.tokenizer)
+        self.base.eval()
+        self.base_sha256 = base_fingerprint(self.spec)
+        self.model = None  # the PeftModel once an adapter is loaded
+        self.adapters: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, name: str, folder: str | Path, manifest: dict) -> None:
+        from peft import PeftModel
+
+        folder = Path(folder)
+        check_base(manifest, self.base_sha256, folder)
+        if manifest["task"] != self.spec.task:
+            raise AdapterIntegrityError(
+                f"adapter {name!r} is for task {manifest['task']!r}, this base serves {self.spec.task!r}"
+            )
+        with self._lock:
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name)
+            else:
+                self.model.load_adapter(str(folder), adapter_name=name)
+            self.model.eval()
+            self.adapters[name] = manifest
+        log.info("loaded adapter %s (%s) from %s", name, manifest["method"], folder)
+
+    def _select(self, name: str, task: str):
+        if name not in self.adapters:
+            raise UnknownAdapterError(
+                f"unknown adapter {name!r}; loaded adapters: {', '.join(sorted(self.adapters)) or 'none'}"
+            )
+        manifest = self.adapters[name]
+        if manifest["task"] != task:
+            raise WrongTaskError(
+                f"adapter {name!r} is a {manifest['task']} adapter; this endpoint needs a {task} adapter"
+            )
+        self.model.set_adapter(name)
+        return manifest
+
+    # ------------------------------------------------------------------ classification
+    def classify(self, name: str, inputs: list) -> list[dict]:
+        import torch
+
+        from workers.data import render
+
+        with self._lock:
+            manifest = self._select(name, "seq-cls")
+            template = manifest.get("input_template")
+            texts = []
+            for x in inputs:
+                if isinstance(x, dict):
+                    if not template:
+                        raise WrongTaskError(f"adapter {name!r} has no input_template; send plain strings")
+                    texts.append(render(template, x))
+                else:
+                    texts.append(x)
+            id2label = {int(k): v for k, v in manifest["model"]["id2label"].items()}
+            enc = self.tokenizer(texts, padding=True, truncation=True,
+                                 max_length=manifest.get("max_length", 512), return_tensors="pt")
+            with torch.no_grad():
+                probs = torch.softmax(self.model(**enc).logits.float(), -1)
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append({"probabilities": {id2label[i]: p for i, p in enumerate(row)},
+                        "label": id2label[best], "label_id": best})
+        return out
+
+    # ------------------------------------------------------------------ completion
+    def complete(self, name: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> dict:
+        import torch
+
+        with self._lock:
+            manifest = self._select(name, "causal-lm")
+            fmt = manifest["model"].get("prompt_format", "{prompt}")
+            enc = self.tokenizer(fmt.format(prompt=prompt), return_tensors="pt")
+            n_prompt = enc["input_ids"].shape[1]
+            kwargs = dict(max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id)
+            if temperature > 0:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+            else:
+                kwargs.update(do_sample=False)
+            with torch.no_grad():
+                ids = self.model.generate(**enc, **kwargs)[0, n_prompt:].tolist()
+        finish = "length"
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos)]
+            finish = "stop"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in stop or []:
+            cut = text.find(s)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        return {"text": text, "finish_reason": finish, "prompt_tokens": n_prompt,
+                "completion_tokens": len(ids)}

@@ -1,0 +1,37 @@
+"""Adapter methods: one module per method, one registry line per method.
+
+A method module defines a pydantic spec class (its `method` field is the registry name) and
+`attach(model, spec, task) -> peft model`. Loading a saved adapter goes through PEFT's own
+`PeftModel.from_pretrained` for every PEFT-backed method.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from workers.errors import SpecError
+from workers.methods.lora import LoraSpec
+
+# name -> (spec class, module path). Adding a method = one module + one line here.
+REGISTRY: dict[str, tuple[type, str]] = {
+    "lora": (LoraSpec, "workers.methods.lora"),
+}
+
+
+def spec_classes() -> tuple[type, ...]:
+    return tuple(cls for cls, _ in REGISTRY.values())
+
+
+def method_module(name: str) -> ModuleType:
+    try:
+        _, path = REGISTRY[name]
+    except KeyError:
+        raise SpecError(
+            f"adapter.method: unknown method {name!r}; known methods: {', '.join(sorted(REGISTRY))}"
+        ) from None
+    return importlib.import_module(path)
+
+
+def attach(model, spec, task: str):
+    return method_module(spec.method).attach(model, spec, task)

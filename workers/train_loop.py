@@ -1,0 +1,311 @@
+"""The per-worker training loop: Ray Train worker + DeepSpeed engine.
+
+Every rank builds the same model (same seed), wraps it with the adapter method, and trains through
+a DeepSpeed engine. Every `checkpoint_every` steps each rank writes its part of a DeepSpeed
+checkpoint (adapter weights, optimizer partition, scheduler, step, RNG) into a directory it reports
+through `ray.train.report`; Ray merges the ranks' files into one checkpoint. On restart,
+`ray.train.get_checkpoint()` brings the last one back and training continues at the exact step.
+The last report carries the adapter (PEFT safetensors) and the loss history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STATE_TAG = "state"
+FINAL_ADAPTER_DIR = "adapter"
+HISTORY_FILE = "history.json"
+
+
+def _rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def _save_rng(directory: Path, rank: int) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    st = _rng_state()
+    save_file({"torch": st["torch"]}, str(directory / f"rng_rank{rank}.safetensors"))
+    py = st["python"]
+    np_state = st["numpy"]
+    (directory / f"rng_rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "python": [py[0], list(py[1]), py[2]],
+                "numpy": [np_state[0], np.asarray(np_state[1]).tolist(), *map(float, np_state[2:])],
+            }
+        )
+    )
+    del torch
+
+
+def _load_rng(directory: Path, rank: int) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    f = directory / f"rng_rank{rank}.safetensors"
+    if not f.is_file():
+        log.warning("checkpoint has no RNG state for rank %d; continuing with a fresh RNG", rank)
+        return
+    torch.set_rng_state(load_file(str(f))["torch"])
+    data = json.loads((directory / f"rng_rank{rank}.json").read_text())
+    py = data["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = data["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), int(n[2]), int(n[3]), float(n[4])))
+
+
+def _ensure_process_group(backend: str) -> None:
+    """Ray Train sets up torch.distributed; in local mode (no workers) make a 1-process group."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def linear_schedule(total_steps: int, warmup_steps: int):
+    def fn(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return fn
+
+
+def plan_steps(n_examples: int, train) -> tuple[int, int]:
+    """(steps per epoch, total steps) for `n_examples` under the spec's train section."""
+    per_epoch = n_examples // train.global_batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"{n_examples} training examples is fewer than one global batch ({train.global_batch_size})"
+        )
+    total = max(1, math.floor(train.epochs * per_epoch))
+    if train.max_steps:
+        total = min(total, train.max_steps) if train.epochs else train.max_steps
+    return per_epoch, total
+
+
+def build_trainable(spec, seed: int):
+    """Tokenizer + base model with a fresh adapter attached: what every rank trains."""
+    import torch
+    from transformers import set_seed
+
+    from workers.methods import attach
+    from workers.models import load_model, load_tokenizer
+
+    set_seed(seed)
+    tok = load_tokenizer(spec.model)
+    model = load_model(spec.model, tok)
+    torch.manual_seed(seed)
+    model = attach(model, spec.adapter, spec.model.task)
+    return tok, model
+
+
+def _gathered(engine, stage: int):
+    import contextlib
+
+    if stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def save_adapter_weights(peft_model, directory: Path) -> None:
+    peft_model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point Ray Train runs on every worker (and in-process in local mode)."""
+    from workers.config import TrainSpec
+    from workers.ds_config import build_ds_config, worker_env
+
+    train = TrainSpec.model_validate(config["spec"]["train"])
+    for k, v in worker_env(train).items():
+        os.environ.setdefault(k, v)
+
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from workers.data import BatchPlan, collate, encode, load_train_eval
+    from workers.models import count_parameters
+    from workers.spec_view import WorkerSpec
+
+    spec = WorkerSpec.model_validate(config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = train.threads_per_worker or max(1, int(train.worker_resources().get("CPU", 1)))
+    torch.set_num_threads(threads)
+    _ensure_process_group(train.resolved_backend())
+
+    tok, model = build_trainable(spec, train.seed)
+    train_records, _ = load_train_eval(spec.data, train.seed)
+    examples = encode(train_records, spec.data, spec.model, tok)
+    per_epoch, total_steps = plan_steps(len(examples), train)
+    plan = BatchPlan(len(examples), train.global_batch_size, world, train.grad_accum, train.seed)
+    trainable, total_params = count_parameters(model)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train.offload != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(params, lr=train.lr, weight_decay=train.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    warmup = int(train.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup))
+    ds_config = build_ds_config(train, world)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    start_step, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint.from_directory(config["resume_from"])
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            _, client = engine.load_checkpoint(
+                d, tag=STATE_TAG, load_module_strict=False, load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+            start_step = int(client["step"])
+            history = list(client.get("history", []))
+            _load_rng(Path(d), rank)
+        if rank == 0:
+            log.info("resumed from checkpoint at step %d", start_step)
+
+    tracker = _Tracker(config.get("mlflow"), rank)
+    fault = config.get("fault") or {}
+    pad_id = tok.pad_token_id
+    engine.train()
+    t0 = time.perf_counter()
+    window_start, window_steps = t0, 0
+    for step in range(start_step, total_steps):
+        loss_sum = torch.zeros(())
+        for idx in plan.micro_batches(step, rank):
+            batch = collate([examples[i] for i in idx], pad_id)
+            out = engine(**batch)
+            engine.backward(out.loss)
+            engine.step()
+            loss_sum += out.loss.detach().float()
+        loss = loss_sum / train.grad_accum
+        if world > 1:
+            dist.all_reduce(loss)
+            loss /= world
+        done = step + 1
+        window_steps += 1
+        record = {"step": done, "loss": float(loss), "lr": float(scheduler.get_last_lr()[0]),
+                  "epoch": step / per_epoch}
+        history.append(record)
+        if done % train.log_every == 0 or done == total_steps:
+            now = time.perf_counter()
+            record["examples_per_s"] = window_steps * train.global_batch_size / (now - window_start)
+            window_start, window_steps = now, 0
+            tracker.log(history[-train.log_every:])
+        last = done == total_steps
+        if done % train.checkpoint_every == 0 or last:
+            metrics = {"step": done, "loss": float(loss), "trainable_params": trainable,
+                       "total_params": total_params, "total_steps": total_steps}
+            with _checkpoint_dir(config.get("checkpoint_root"), done, rank, train.keep) as tmpdir:
+                engine.save_checkpoint(
+                    str(tmpdir), tag=STATE_TAG, client_state={"step": done, "history": history},
+                    exclude_frozen_parameters=True,
+                )
+                _save_rng(tmpdir, rank)
+                if last:
+                    with _gathered(engine, train.zero_stage):
+                        if rank == 0:
+                            save_adapter_weights(engine.module, tmpdir / FINAL_ADAPTER_DIR)
+                    metrics["train_seconds"] = time.perf_counter() - t0
+                if rank == 0:
+                    (tmpdir / HISTORY_FILE).write_text(json.dumps(history))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmpdir)))
+        if fault and done == fault.get("step") and rank == fault.get("rank", 0):
+            marker = Path(fault["marker"])
+            if not marker.exists():
+                marker.write_text(f"killed rank {rank} after step {done}\n")
+                log.warning("fault injection: killing rank %d after step %d", rank, done)
+                if fault.get("mode", "exit") == "exit":
+                    os._exit(17)
+                raise RuntimeError(f"injected fault after step {done}")
+    tracker.close()
+
+
+@contextlib.contextmanager
+def _checkpoint_dir(root: str | None, step: int, rank: int, keep: int):
+    """Where a rank writes a checkpoint: a temp dir Ray persists, or (local mode, where Ray does
+    not persist) `root/checkpoint_<step>` with only the newest `keep` kept."""
+    if root is None:
+        with tempfile.TemporaryDirectory(prefix=f"af-ckpt-{rank}-") as tmp:
+            yield Path(tmp)
+        return
+    base = Path(root)
+    d = base / f"checkpoint_{step:07d}"
+    d.mkdir(parents=True, exist_ok=True)
+    yield d
+    for old in sorted(base.glob("checkpoint_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _Tracker:
+    """Rank 0 logs step metrics to the pipeline's MLflow run (the only writer during training)."""
+
+    def __init__(self, cfg: dict | None, rank: int):
+        self.client = None
+        if cfg and rank == 0:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=cfg["tracking_uri"])
+            self.run_id = cfg["run_id"]
+
+    def log(self, records: list[dict]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        metrics = [
+            Metric(f"train/{k}", float(v), ts, int(r["step"]))
+            for r in records
+            for k, v in r.items()
+            if k != "step"
+        ]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        self.client = None
