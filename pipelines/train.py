@@ -48,7 +48,7 @@ def ensure_ray(spec: PipelineSpec):
     return getattr(ctx, "dashboard_url", None)
 
 
-def preflight(spec: PipelineSpec) -> None:
+def preflight(spec: PipelineSpec, wait_s: float = 20.0) -> None:
     """On a fixed-size (local) cluster, refuse a job that would wait forever for resources."""
     import ray
 
@@ -56,7 +56,12 @@ def preflight(spec: PipelineSpec) -> None:
     if spec.ray_address is not None or t.num_workers == 0:
         return  # a real cluster may autoscale; local mode needs no workers
     need = {k: v * t.num_workers for k, v in t.worker_resources().items()}
-    total, free = ray.cluster_resources(), ray.available_resources()
+    deadline = time.monotonic() + wait_s
+    while True:  # actors that are shutting down (a deleted Serve app) free resources shortly
+        total, free = ray.cluster_resources(), ray.available_resources()
+        if all(free.get(r, 0) + 1e-9 >= a for r, a in need.items()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     for res, amount in need.items():
         if amount > total.get(res, 0) + 1e-9:
             raise ResourceError(
@@ -121,6 +126,13 @@ def launch_training(spec: PipelineSpec, *, mlflow_cfg: dict | None = None, fault
     path = Path(result.checkpoint.path)
     history = json.loads((path / HISTORY_FILE).read_text()) if (path / HISTORY_FILE).is_file() else []
     return TrainOutcome(path, dict(result.metrics or {}), history, wall)
+
+
+def latest_local_checkpoint(spec: PipelineSpec, run_name: str) -> Path | None:
+    """The newest checkpoint a local-mode run (num_workers: 0) wrote, to resume it."""
+    root = spec.workspace_path() / "ray_results" / run_name / "local"
+    found = sorted(root.glob("checkpoint_*"))
+    return found[-1] if found else None
 
 
 def build_artifact(spec: PipelineSpec, checkpoint: Path, dst: Path) -> Path:

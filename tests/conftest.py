@@ -9,6 +9,9 @@ for k, v in {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISA
              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
     os.environ.setdefault(k, v)
 
+API_KEY_ENV = "ADAPTERFLOW_TEST_API_KEY"
+os.environ.setdefault(API_KEY_ENV, "test-" + os.urandom(8).hex())  # before Ray starts: replicas inherit it
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import make_tiny_llama, toy_instructions, toy_sentiment, write_jsonl, write_tsv  # noqa: E402
@@ -41,8 +44,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", API_KEY_ENV)}
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}})
+                 runtime_env={"env_vars": env})
     yield ray
     try:
         from ray import serve
@@ -50,3 +54,14 @@ def ray_session():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """One HTTP port for Ray Serve's proxy for the whole run (the proxy outlives apps)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

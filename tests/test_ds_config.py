@@ -25,15 +25,22 @@ class _DataParallel:
 
 @pytest.fixture(scope="module")
 def ds_parse():
-    from workers.train_loop import _ensure_process_group
+    import socket
 
-    _ensure_process_group("gloo")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     import deepspeed.comm
     from deepspeed.runtime.config import DeepSpeedConfig
 
     deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
-    return lambda cfg, world: DeepSpeedConfig(cfg, mpu=_DataParallel(world))
+    yield lambda cfg, world: DeepSpeedConfig(cfg, mpu=_DataParallel(world))
+    deepspeed.comm.destroy_process_group()
 
 
 def spec_train(**train):

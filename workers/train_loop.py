@@ -76,22 +76,41 @@ def _load_rng(directory: Path, rank: int) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), int(n[2]), int(n[3]), float(n[4])))
 
 
-def _ensure_process_group(backend: str) -> None:
-    """Ray Train sets up torch.distributed; in local mode (no workers) make a 1-process group."""
+@contextlib.contextmanager
+def _process_group(backend: str):
+    """Ray Train sets up torch.distributed on its workers. In local mode (no workers) make a
+    1-process group for DeepSpeed, with the launcher variables it checks, and take both down
+    afterwards so the next local run in this process starts clean."""
     import socket
 
     import torch.distributed as dist
 
     if dist.is_initialized():
+        yield
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        import deepspeed.comm.comm as ds_comm
+
+        # through DeepSpeed when it wrapped the group, so it drops its cached groups too
+        if ds_comm.cdb is not None and dist.is_initialized():
+            ds_comm.destroy_process_group()
+        elif dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def linear_schedule(total_steps: int, warmup_steps: int):
@@ -156,13 +175,9 @@ def train_loop_per_worker(config: dict) -> None:
     for k, v in worker_env(train).items():
         os.environ.setdefault(k, v)
 
-    import deepspeed
     import ray.train
     import torch
-    import torch.distributed as dist
 
-    from workers.data import BatchPlan, collate, encode, load_train_eval
-    from workers.models import count_parameters
     from workers.spec_view import WorkerSpec
 
     spec = WorkerSpec.model_validate(config["spec"])
@@ -170,7 +185,19 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = train.threads_per_worker or max(1, int(train.worker_resources().get("CPU", 1)))
     torch.set_num_threads(threads)
-    _ensure_process_group(train.resolved_backend())
+    with _process_group(train.resolved_backend()):
+        _train(config, spec, train, rank, world)
+
+
+def _train(config: dict, spec, train, rank: int, world: int) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from workers.data import BatchPlan, collate, encode, load_train_eval
+    from workers.ds_config import build_ds_config
+    from workers.models import count_parameters
 
     tok, model = build_trainable(spec, train.seed)
     train_records, _ = load_train_eval(spec.data, train.seed)
@@ -193,7 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
 
-    start_step, history = 0, []
+    start_step, history, resumed_from = 0, [], -1
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_from"):
         ckpt = ray.train.Checkpoint.from_directory(config["resume_from"])
@@ -203,7 +230,7 @@ def train_loop_per_worker(config: dict) -> None:
                 d, tag=STATE_TAG, load_module_strict=False, load_optimizer_states=True,
                 load_lr_scheduler_states=True,
             )
-            start_step = int(client["step"])
+            start_step = resumed_from = int(client["step"])
             history = list(client.get("history", []))
             _load_rng(Path(d), rank)
         if rank == 0:
@@ -252,6 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
                         if rank == 0:
                             save_adapter_weights(engine.module, tmpdir / FINAL_ADAPTER_DIR)
                     metrics["train_seconds"] = time.perf_counter() - t0
+                    metrics["resumed_from_step"] = resumed_from
                 if rank == 0:
                     (tmpdir / HISTORY_FILE).write_text(json.dumps(history))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmpdir)))
@@ -259,6 +287,7 @@ def train_loop_per_worker(config: dict) -> None:
             marker = Path(fault["marker"])
             if not marker.exists():
                 marker.write_text(f"killed rank {rank} after step {done}\n")
+                time.sleep(float(fault.get("delay_s", 0)))  # a crash some time into the next step
                 log.warning("fault injection: killing rank %d after step %d", rank, done)
                 if fault.get("mode", "exit") == "exit":
                     os._exit(17)
