@@ -1,0 +1,151 @@
+"""The Ray Serve app over real HTTP (httpx and the `openai` client): answers, error shapes, auth.
+References are computed in the test with PEFT directly (merged weights), not through the engine."""
+
+import os
+
+import httpx
+import openai
+import pytest
+import torch
+
+from conftest import API_KEY_ENV
+from helpers import need_shared
+from pipelines.train import build_artifact, launch_training
+from test_train_local import spec_for
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, toy_data, toy_instruct, tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("serve")
+    cls_spec = spec_for(tiny_llama, toy_data, tmp / "cls", epochs=2, lr=1e-2)
+    cls_spec.data.input_template = "{sentence}"
+    out = launch_training(cls_spec, run_name="serve-cls")
+    cls_dir = build_artifact(cls_spec, out.checkpoint, tmp / "cls-adapter")
+    lm_spec = spec_for(need_shared("models", "stories260K"), toy_instruct, tmp / "lm", task="causal-lm",
+                       epochs=2, lr=1e-2)
+    out = launch_training(lm_spec, run_name="serve-lm")
+    lm_dir = build_artifact(lm_spec, out.checkpoint, tmp / "lm-adapter")
+    return {"cls": (cls_spec, cls_dir), "lm": (lm_spec, lm_dir)}
+
+
+@pytest.fixture(scope="module")
+def server(adapters, serve_port, ray_session):
+    from serve.app import deploy, shutdown
+
+    base = deploy({"toy": str(adapters["cls"][1])}, port=serve_port, name="cls", route_prefix="/cls",
+                  num_cpus=0.25)
+    deploy({"story": str(adapters["lm"][1])}, port=serve_port, name="lm", route_prefix="/lm",
+           num_cpus=0.25, api_key_env=API_KEY_ENV)
+    root = base.rsplit("/cls", 1)[0]
+    yield root
+    shutdown("cls")
+    shutdown("lm")
+
+
+def reference_model(spec, adapter_dir):
+    from peft import PeftModel
+
+    from workers.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(spec.model)
+    return tok, PeftModel.from_pretrained(load_model(spec.model, tok), str(adapter_dir)).merge_and_unload().eval()
+
+
+def test_healthz_and_models(server):
+    r = httpx.get(f"{server}/cls/healthz")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "adapters": ["toy"]}
+    m = httpx.get(f"{server}/cls/v1/models").json()
+    assert m["data"][0]["id"] == "toy" and m["data"][0]["task"] == "seq-cls" and m["data"][0]["method"] == "lora"
+
+
+def test_classify_matches_a_merged_reference(server, adapters):
+    spec, folder = adapters["cls"]
+    texts = ["good great lovely movie", "bad awful dull plot", "the cast was fun"]
+    r = httpx.post(f"{server}/cls/v1/classify", json={"adapter": "toy", "inputs": texts + [{"sentence": texts[0]}]},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    tok, ref = reference_model(spec, folder)
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(ref(**tok(t, return_tensors="pt")).logits[0], -1) for t in texts])
+    for row, p in zip(results, probs):
+        assert row["probabilities"]["negative"] == pytest.approx(p[0].item(), abs=1e-5)
+        assert row["probabilities"]["positive"] == pytest.approx(p[1].item(), abs=1e-5)
+        assert row["label"] == ["negative", "positive"][int(p.argmax())]
+    # a dict input goes through the adapter's input_template to the same text
+    assert results[3]["probabilities"] == pytest.approx(results[0]["probabilities"], abs=1e-6)
+
+
+@pytest.mark.parametrize("body,status,kind", [
+    ({"adapter": "nope", "inputs": ["x"]}, 404, "adapter_not_found"),
+    ({"adapter": "toy"}, 422, "invalid_request"),
+    ({"adapter": "toy", "inputs": []}, 422, "invalid_request"),
+    ({"adapter": "toy", "inputs": [1]}, 422, "invalid_request"),
+    ({"adapter": "toy", "inputs": ["x"], "extra": 1}, 422, "invalid_request"),
+])
+def test_classify_errors_have_a_stable_shape(server, body, status, kind):
+    r = httpx.post(f"{server}/cls/v1/classify", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["type"] == kind and err["code"] == status and err["message"]
+
+
+def test_malformed_json_is_422(server):
+    r = httpx.post(f"{server}/cls/v1/classify", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request"
+
+
+def test_wrong_task_is_400(server):
+    r = httpx.post(f"{server}/cls/v1/completions", json={"model": "toy", "prompt": "hi"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "wrong_task"
+
+
+def test_completions_with_the_openai_client_match_a_merged_reference(server, adapters):
+    spec, folder = adapters["lm"]
+    client = openai.OpenAI(base_url=f"{server}/lm/v1", api_key=os.environ[API_KEY_ENV], max_retries=0)
+    prompt = "say the word good"
+    out = client.completions.create(model="story", prompt=prompt, max_tokens=12, temperature=0)
+    assert out.object == "text_completion" and out.model == "story"
+    choice = out.choices[0]
+    tok, ref = reference_model(spec, folder)
+    enc = tok(spec.model.prompt_format.format(prompt=prompt), return_tensors="pt")
+    with torch.no_grad():
+        ids = ref.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)[0, enc["input_ids"].shape[1]:]
+    ids = ids.tolist()
+    if tok.eos_token_id in ids:
+        ids = ids[: ids.index(tok.eos_token_id)]
+    assert choice.text == tok.decode(ids, skip_special_tokens=True)
+    assert out.usage.prompt_tokens == enc["input_ids"].shape[1]
+    assert out.usage.completion_tokens == len(ids)
+    assert choice.finish_reason in ("stop", "length")
+
+
+def test_completion_sampling_is_seeded(server):
+    headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"}
+    body = {"model": "story", "prompt": "Once upon a time", "max_tokens": 10, "temperature": 1.0, "seed": 7}
+    a = httpx.post(f"{server}/lm/v1/completions", json=body, headers=headers, timeout=60).json()
+    b = httpx.post(f"{server}/lm/v1/completions", json=body, headers=headers, timeout=60).json()
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def test_auth_is_enforced_when_configured(server):
+    body = {"model": "story", "prompt": "hi", "max_tokens": 2}
+    r = httpx.post(f"{server}/lm/v1/completions", json=body, timeout=60)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+    r = httpx.post(f"{server}/lm/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}, timeout=60)
+    assert r.status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/lm/v1", api_key="wrong", max_retries=0).completions.create(
+            model="story", prompt="hi", max_tokens=2)
+    assert httpx.get(f"{server}/lm/healthz").status_code == 200  # health needs no key
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "story", "prompt": "hi", "max_tokens": 0},
+    {"model": "story", "prompt": "hi", "stream": True},
+    {"model": "story"},
+])
+def test_completion_validation_is_422(server, body):
+    headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"}
+    r = httpx.post(f"{server}/lm/v1/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request"
