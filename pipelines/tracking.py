@@ -6,10 +6,8 @@ One writer at a time on SQLite: this driver before and after training, rank 0 du
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,12 +163,3 @@ def _decide_alias(client, name, alias, metric, greater, value, version) -> tuple
                       f"{holder.version}: @{alias} moves to {version}")
     return False, (f"version {version} {metric}={value:.4f} is worse than {held_value:.4f} of version "
                    f"{holder.version}: @{alias} stays on {holder.version}")
-
-
-def write_json(path: Path, data) -> Path:
-    path.write_text(json.dumps(data, indent=2))
-    return path
-
-
-def tmpdir() -> str:
-    return tempfile.mkdtemp(prefix="adapterflow-")

@@ -167,8 +167,22 @@ def build_app(adapters: dict[str, str], *, tracking_uri: str | None = None, num_
 
 def deploy(adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000, name: str = "adapterflow",
            route_prefix: str = "/", **kwargs) -> str:
-    """Start Serve's HTTP proxy on host:port, run the app, and return its base URL."""
+    """Start Serve's HTTP proxy on host:port (0: a free port), run the app, return its base URL.
+    A proxy already running keeps its address; the URL returned is the one it listens on."""
+    if port == 0:
+        import socket
+
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
     serve.start(http_options={"host": host, "port": port})
+    try:
+        from ray.serve.context import _get_global_client
+
+        opts = _get_global_client().http_config
+        host, port = opts.host, opts.port
+    except (ImportError, AttributeError):
+        pass
     serve.run(build_app(adapters, **kwargs), name=name, route_prefix=route_prefix)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 

@@ -1,11 +1,12 @@
 """MLflow pyfunc model of an adapter ("models from code": nothing is pickled).
 
-`mlflow.pyfunc.load_model("models:/NAME@ALIAS").predict(["a sentence", ...])` returns, for a
+`mlflow.pyfunc.load_model("models:/NAME@ALIAS").predict(["a sentence", ...])` (a list of texts or
+prompts) returns, for a
 sequence-classification adapter, a DataFrame with the decided label and one probability column per
 class; for a causal-LM adapter, the completions as a list of strings.
 """
 
-from __future__ import annotations
+
 
 import mlflow
 from mlflow.pyfunc import PythonModel
@@ -39,7 +40,7 @@ class AdapterModel(PythonModel):
         self.engine = Engine(manifest["model"])
         self.engine.add_adapter("adapter", folder, manifest)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params: dict | None = None):
         params = params or {}
         inputs = _as_list(model_input)
         if self.task == "seq-cls":

@@ -83,8 +83,12 @@ def base_fingerprint(spec: ModelSpec) -> str | None:
 
 def quiet_transformers() -> None:
     """Load reports and progress bars are noise in a pipeline's output; errors still raise."""
+    import warnings
+
     import transformers
 
+    # PEFT 0.21 calls a transformers method deprecated in 5.x; nothing for a user to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 

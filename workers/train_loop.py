@@ -169,7 +169,7 @@ def save_adapter_weights(peft_model, directory: Path) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Entry point Ray Train runs on every worker (and in-process in local mode)."""
     from workers.config import TrainSpec
-    from workers.ds_config import build_ds_config, worker_env
+    from workers.ds_config import worker_env
 
     train = TrainSpec.model_validate(config["spec"]["train"])
     for k, v in worker_env(train).items():
