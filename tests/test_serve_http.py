@@ -149,3 +149,37 @@ def test_completion_validation_is_422(server, body):
     headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"}
     r = httpx.post(f"{server}/lm/v1/completions", json=body, headers=headers, timeout=60)
     assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_request"
+
+
+def test_serve_command_serves_an_adapter_folder(adapters, server, ray_session):
+    """`adapterflow serve FOLDER` as a user runs it, joined to this test run's Ray instance."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ray import serve
+
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(adapters["cls"][1]),
+                             "--name", "folder-toy"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{server}/healthz", timeout=5)
+                if r.status_code == 200 and r.json().get("adapters") == ["folder-toy"]:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("adapterflow serve did not come up in 120 s")
+        r = httpx.post(f"{server}/v1/classify", json={"adapter": "folder-toy", "inputs": ["good great"]}, timeout=60)
+        assert r.status_code == 200 and r.json()["results"][0]["label"] in ("negative", "positive")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        serve.delete("adapterflow")

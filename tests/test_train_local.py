@@ -55,9 +55,14 @@ def test_causal_lm_loss_decreases_on_stories260k(toy_instruct, tmp_path, ray_ses
     assert report["perplexity"] == pytest.approx(torch.tensor(report["eval_loss"]).exp().item(), rel=1e-6)
 
 
-def test_interrupted_run_resumes_at_the_next_step_with_identical_results(tiny_llama, toy_data, tmp_path,
-                                                                          ray_session):
-    spec = spec_for(tiny_llama, toy_data, tmp_path, max_steps=10, epochs=1)
+@pytest.mark.parametrize("case", ["tiny-llama-seq-cls", "stories260k-causal-lm"])
+def test_interrupted_run_resumes_at_the_next_step_with_identical_results(case, tiny_llama, toy_data, toy_instruct,
+                                                                          tmp_path, ray_session):
+    if case == "tiny-llama-seq-cls":
+        spec = spec_for(tiny_llama, toy_data, tmp_path, max_steps=10, epochs=1)
+    else:
+        spec = spec_for(need_shared("models", "stories260K"), toy_instruct, tmp_path, task="causal-lm",
+                        max_steps=10, epochs=2, global_batch_size=8)
     full = launch_training(spec, run_name="full")
 
     fault = {"step": 6, "rank": 0, "mode": "raise", "marker": str(tmp_path / "fault-marker")}
