@@ -124,7 +124,9 @@ def format_errors(err: ValidationError, model: type[StrictModel] = None) -> list
         kind = e["type"]
         got = e.get("input")
         if kind == "extra_forbidden":
-            lines.append(f"{path}: unknown key; remove it or check its spelling ({_allowed(path)})")
+            loc = tuple(e["loc"])
+            allowed = _allowed_for_method(loc[1]) if loc[:1] == ("adapter",) and len(loc) > 2 else _allowed(path)
+            lines.append(f"{path}: unknown key; remove it or check its spelling ({allowed})")
         elif kind == "missing":
             lines.append(f"{path}: required key is missing")
         elif kind in _EXPECTED:
@@ -139,6 +141,15 @@ def format_errors(err: ValidationError, model: type[StrictModel] = None) -> list
         else:
             lines.append(f"{path}: {e['msg']}, got {got!r}")
     return lines
+
+
+def _allowed_for_method(method: str) -> str:
+    from workers.methods import REGISTRY
+
+    cls = REGISTRY.get(method, (None,))[0]
+    if cls is None:
+        return "see `adapterflow schema`"
+    return f"allowed for method {method}: {', '.join(sorted(cls.model_fields))}"
 
 
 def _allowed(path: str) -> str:

@@ -99,8 +99,10 @@ def test_missing_spec_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_specs_validate(path):
+    from workers.methods import REGISTRY
+
     s = load_spec(path)
-    assert s.name and s.adapter.method == "lora"
+    assert s.name and s.adapter.method in REGISTRY
 
 
 def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
@@ -119,8 +121,16 @@ def test_schema_documents_every_section():
 
 def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
+    from workers.methods import REGISTRY
+
     missing = []
+    for name, (cls, _) in REGISTRY.items():
+        if f"`adapter.method: {name}`" not in readme:
+            missing.append(f"adapter.method: {name}")
+        missing += [f"adapter.{k} ({name})" for k in cls.model_fields if f"`adapter.{k}`" not in readme]
     for section, cls in PipelineSpec.model_fields.items():
+        if section == "adapter":
+            continue
         annotation = cls.annotation
         fields = getattr(annotation, "model_fields", None)
         if fields is None:
@@ -166,3 +176,14 @@ def test_missing_model_or_data_fails_before_any_work(tmp_path):
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "split 'train' is missing or empty" in " ".join(r.stderr.split())
     assert not (tmp_path / "ws").exists()  # nothing was created
+
+
+def test_method_specific_keys_and_checks():
+    msg = errors_of(base(adapter={"method": "ia3", "r": 8}))
+    assert "adapter.r: unknown key" in msg and "allowed for method ia3" in msg and "feedforward_modules" in msg
+    msg = errors_of(base(adapter={"method": "ia3", "target_modules": ["k_proj", "v_proj"],
+                                  "feedforward_modules": ["down_proj"]}))
+    assert "feedforward_modules ['down_proj'] are not among adapter.target_modules" in msg
+    s = parse_spec(base(adapter={"method": "ia3", "target_modules": ["k_proj", "down_proj"],
+                                 "feedforward_modules": ["down_proj"]}))
+    assert s.adapter.method == "ia3"

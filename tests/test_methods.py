@@ -1,0 +1,77 @@
+"""Every registered method, trained first and then checked (fresh adapters prove nothing):
+trainable-parameter count against the method's formula, merged == unmerged outputs, save -> load
+round trip, loss goes down."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from pipelines.train import build_artifact, launch_training
+from test_train_local import mean, spec_for
+from workers.models import load_model, load_tokenizer
+
+# the tiny Llama of helpers.make_tiny_llama: hidden 32, intermediate 64, 4 heads, 2 KV heads (head dim 8)
+HIDDEN, INTER, KV = 32, 64, 16
+LAYERS, LABELS = 2, 2
+SHAPES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),
+          "down_proj": (INTER, HIDDEN)}  # (in, out)
+HEAD = HIDDEN * LABELS  # LlamaForSequenceClassification.score has no bias
+
+METHODS = {
+    "lora": ({"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+             lambda: LAYERS * sum(4 * (SHAPES[m][0] + SHAPES[m][1]) for m in ("q_proj", "v_proj", "down_proj"))),
+    "ia3": ({"method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+            lambda: LAYERS * (SHAPES["k_proj"][1] + SHAPES["v_proj"][1] + SHAPES["down_proj"][0])),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(METHODS))
+def trained(request, tiny_llama, toy_data, tmp_path_factory, ray_session):
+    name = request.param
+    adapter, formula = METHODS[name]
+    tmp = tmp_path_factory.mktemp(name)
+    spec = spec_for(tiny_llama, toy_data, tmp, epochs=2, lr=3e-2)
+    spec = spec.model_copy(update={"adapter": _spec_of(adapter)})
+    out = launch_training(spec, run_name=f"method-{name}")
+    folder = build_artifact(spec, out.checkpoint, tmp / "adapter")
+    return {"name": name, "spec": spec, "out": out, "folder": folder, "formula": formula}
+
+
+def _spec_of(adapter: dict):
+    from workers.methods import REGISTRY
+
+    return REGISTRY[adapter["method"]][0].model_validate(adapter)
+
+
+def _logits(model, tok, texts):
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+TEXTS = ["good great lovely movie", "bad awful dull plot", "the cast was fun and warm", "a cold grim story"]
+
+
+def test_trainable_parameters_match_the_formula(trained):
+    assert trained["out"].metrics["trainable_params"] == trained["formula"]() + HEAD
+
+
+def test_training_lowers_the_loss(trained):
+    losses = [h["loss"] for h in trained["out"].history]
+    assert mean(losses[-6:]) < mean(losses[:6]) - 0.05, losses
+
+
+def test_merged_equals_unmerged_and_round_trip_is_exact(trained, tmp_path):
+    spec = trained["spec"]
+    tok = load_tokenizer(spec.model)
+    peft_model = PeftModel.from_pretrained(load_model(spec.model, tok), str(trained["folder"])).eval()
+    unmerged = _logits(peft_model, tok, TEXTS)
+    base = _logits(load_model(spec.model, tok).eval(), tok, TEXTS)
+    assert (unmerged - base).abs().max() > 1e-3, "the trained adapter should change the outputs"
+
+    peft_model.save_pretrained(str(tmp_path / "again"), safe_serialization=True)
+    reloaded = PeftModel.from_pretrained(load_model(spec.model, tok), str(tmp_path / "again")).eval()
+    assert torch.equal(_logits(reloaded, tok, TEXTS), unmerged)
+
+    merged = peft_model.merge_and_unload().eval()
+    assert torch.allclose(_logits(merged, tok, TEXTS), unmerged, atol=1e-5)

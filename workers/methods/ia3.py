@@ -1,0 +1,57 @@
+"""IA3 through PEFT: learned vectors l (init 1). Ordinary targets scale the output, y = (Wx)⊙l;
+`feedforward_modules` scale the input, y = W(x⊙l). Mergeable (W⊙l by rows or columns)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from workers.methods.base import StrictModel
+from workers.methods.lora import TASK_TYPES
+
+
+class IA3Spec(StrictModel):
+    method: Literal["ia3"] = "ia3"
+    target_modules: list[str] | None = Field(
+        None, description="Modules to scale; null = PEFT's default (Llama: k_proj, v_proj, down_proj)."
+    )
+    feedforward_modules: list[str] | None = Field(
+        None, description="Targets whose input (not output) is scaled; must be among target_modules."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full (the task head is added for seq-cls)."
+    )
+    init_ia3_weights: bool = Field(True, description="Start every vector at 1 (the identity).")
+
+    mergeable: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.feedforward_modules is not None:
+            if self.target_modules is None:
+                raise ValueError("adapter.feedforward_modules needs adapter.target_modules listing them too")
+            missing = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if missing:
+                raise ValueError(
+                    f"adapter.feedforward_modules {missing} are not among adapter.target_modules "
+                    f"{self.target_modules}; every feed-forward module must also be a target"
+                )
+        return self
+
+    def peft_config(self, task: str):
+        from peft import IA3Config
+
+        return IA3Config(
+            target_modules=self.target_modules,
+            feedforward_modules=self.feedforward_modules,
+            modules_to_save=self.modules_to_save,
+            init_ia3_weights=self.init_ia3_weights,
+            task_type=TASK_TYPES[task],
+        )
+
+
+def attach(model, spec: IA3Spec, task: str):
+    from peft import get_peft_model
+
+    return get_peft_model(model, spec.peft_config(task))
