@@ -22,6 +22,8 @@ METHODS = {
              lambda: LAYERS * sum(4 * (SHAPES[m][0] + SHAPES[m][1]) for m in ("q_proj", "v_proj", "down_proj"))),
     "ia3": ({"method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
             lambda: LAYERS * (SHAPES["k_proj"][1] + SHAPES["v_proj"][1] + SHAPES["down_proj"][0])),
+    "pvera": ({"method": "pvera", "r": 8, "target_modules": ["q_proj", "v_proj"]},
+              lambda: LAYERS * sum(2 * 8 + SHAPES[m][1] for m in ("q_proj", "v_proj"))),
 }
 
 

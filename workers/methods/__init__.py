@@ -13,11 +13,13 @@ from types import ModuleType
 from workers.errors import SpecError
 from workers.methods.ia3 import IA3Spec
 from workers.methods.lora import LoraSpec
+from workers.methods.pvera import PveraSpec
 
 # name -> (spec class, module path). Adding a method = one module + one line here.
 REGISTRY: dict[str, tuple[type, str]] = {
     "lora": (LoraSpec, "workers.methods.lora"),
     "ia3": (IA3Spec, "workers.methods.ia3"),
+    "pvera": (PveraSpec, "workers.methods.pvera"),
 }
 
 

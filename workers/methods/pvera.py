@@ -1,0 +1,60 @@
+"""PVeRA through PEFT (`PveraConfig`): frozen shared random projections A (2r x in) and B (out x r)
+sliced per layer, trainable λ_d (2r, init d_initial) and λ_b (out, init 0).
+[μ, log σ²] = split(λ_d ⊙ (A x)); z = μ + ε·σ when training or sampling at inference, else μ;
+y = Wx + λ_b ⊙ (B z). Merge uses the mean only."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from workers.methods.base import StrictModel
+from workers.methods.lora import TASK_TYPES
+
+
+class PveraSpec(StrictModel):
+    method: Literal["pvera"] = "pvera"
+    r: int = Field(256, gt=0, description="Rank of the shared random projections.")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Modules to adapt; null = PEFT's default for the architecture."
+    )
+    d_initial: float = Field(0.1, description="Initial value of every λ_d entry.")
+    projection_prng_key: int = Field(0, description="Seed of the frozen random projections A and B.")
+    save_projection: bool = Field(
+        True, description="Store A and B in the adapter (else they are regenerated from the seed)."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the PVeRA input.")
+    bias: Literal["none", "all", "pvera_only"] = "none"
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full (the task head is added for seq-cls)."
+    )
+    sample_at_inference: bool = Field(
+        False, description="Draw z = μ + ε·σ at inference too (Monte-Carlo outputs); not mergeable then."
+    )
+    generator_seed: int | None = Field(None, description="Seed of ε when sampling at inference.")
+
+    mergeable: ClassVar[bool] = True
+
+    def peft_config(self, task: str):
+        from peft import PveraConfig
+
+        return PveraConfig(
+            r=self.r,
+            target_modules=self.target_modules,
+            d_initial=self.d_initial,
+            projection_prng_key=self.projection_prng_key,
+            save_projection=self.save_projection,
+            pvera_dropout=self.dropout,
+            bias=self.bias,
+            modules_to_save=self.modules_to_save,
+            sample_at_inference=self.sample_at_inference,
+            generator_seed=self.generator_seed,
+            task_type=TASK_TYPES[task],
+        )
+
+
+def attach(model, spec: PveraSpec, task: str):
+    from peft import get_peft_model
+
+    return get_peft_model(model, spec.peft_config(task))
