@@ -87,6 +87,28 @@ def run(spec: Path, set_: SetOpt = None,
 
 
 @app.command()
+def sparsify(spec: Path, set_: SetOpt = None) -> None:
+    """Wanda-prune the spec's base model (sparsify.*) into a sparse base with a sparsity report."""
+    _quiet()
+    from rich.table import Table
+
+    from pipelines.sparsify import run_sparsify
+
+    s, _ = _load(spec, set_)
+    with console.status(f"Wanda {s.sparsify.pattern} on {s.model.name}..."):
+        out, report = run_sparsify(s)
+    table = Table(title=f"sparsity per layer ({s.sparsify.pattern}"
+                        + (f", ratio {s.sparsify.ratio:g})" if s.sparsify.pattern == "unstructured" else ")"))
+    table.add_column("layer")
+    table.add_column("sparsity", justify="right")
+    for name, info in report["layers"].items():
+        table.add_row(name, f"{info['sparsity']:.4f}")
+    table.add_row("[bold]total[/]", f"[bold]{report['total']['sparsity']:.4f}[/]")
+    console.print(table)
+    console.print(f"sparse model: {out}  (use it with --set model.name={out})")
+
+
+@app.command()
 def serve(target: Annotated[str, typer.Argument(help="A spec file, an MLflow URI (models:/NAME@ALIAS) or an adapter folder.")],
           set_: SetOpt = None,
           name: Annotated[Optional[str], typer.Option(help="Adapter name clients use.")] = None,

@@ -7,6 +7,7 @@ Unknown keys and wrong types are errors that name the key path and the expected 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from serve.config import ServeSpec
-from workers.config import AdapterSpec, DataSpec, ModelSpec, TrainSpec
+from workers.config import AdapterSpec, DataSpec, ModelSpec, SparsifySpec, TrainSpec
 from workers.errors import SpecError
 from workers.methods.base import StrictModel
 
@@ -59,6 +60,7 @@ class PipelineSpec(StrictModel):
     train: TrainSpec = Field(default_factory=TrainSpec)
     track: TrackSpec = Field(default_factory=TrackSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
+    sparsify: SparsifySpec = Field(default_factory=SparsifySpec)
     version: Literal[1] = 1
 
     @model_validator(mode="after")
@@ -174,6 +176,8 @@ def apply_override(data: dict, assignment: str) -> None:
         raise SpecError(f"--set {assignment!r}: empty key path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, int) and re.fullmatch(r"\s*\d+:\d+\s*", raw):
+            value = raw.strip()  # N:M, not YAML 1.1's base-60 integer
     except yaml.YAMLError as exc:
         raise SpecError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
     node = data

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from workers.methods import spec_classes
 from workers.methods.base import StrictModel
@@ -166,3 +166,31 @@ class TrainSpec(StrictModel):
         if self.use_gpu:
             res["GPU"] = 1.0
         return res
+
+
+class SparsifySpec(StrictModel):
+    """`adapterflow sparsify SPEC`: Wanda-prune the spec's base model into a sparse base."""
+
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (e.g. '2:4': N zeros in every M inputs).")
+    ratio: float = Field(0.5, gt=0, lt=1, description="Share of each weight row zeroed (unstructured).")
+    n_samples: int = Field(64, gt=0, description="Calibration chunks.")
+    seq_len: int = Field(64, gt=1, description="Tokens per calibration chunk.")
+    split: str = Field("train", description="Data split whose inputs (data.input_template) calibrate.")
+    output: str | None = Field(None, description="Folder for the sparse model (default <workspace>/sparse/<name>).")
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _sexagesimal(cls, v):
+        if isinstance(v, int):
+            raise ValueError(
+                f"sparsify.pattern: got the number {v}; YAML 1.1 reads an unquoted N:M as a base-60 "
+                'number: quote it, e.g. pattern: "2:4"'
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        from workers.wanda import Pattern
+
+        Pattern.parse(self.pattern, self.ratio)
+        return self
