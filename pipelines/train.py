@@ -179,8 +179,6 @@ def build_artifact(spec: PipelineSpec, checkpoint: Path, dst: Path) -> Path:
 def evaluate_artifact(spec: PipelineSpec, adapter_dir: Path, threads: int | None = None) -> dict:
     """Evaluate a saved adapter on the spec's eval split with the same code a replica runs."""
     import torch
-    from peft import PeftModel
-
     from workers.data import encode, load_train_eval
     from workers.evaluate import evaluate_model
     from workers.models import load_model, load_tokenizer
@@ -194,7 +192,9 @@ def evaluate_artifact(spec: PipelineSpec, adapter_dir: Path, threads: int | None
             "data.eval_split or data.eval_fraction"
         )
     tok = load_tokenizer(spec.model)
-    model = PeftModel.from_pretrained(load_model(spec.model, tok), str(adapter_dir))
+    from workers.methods import load
+
+    model = load(load_model(spec.model, tok), adapter_dir, spec.adapter.method)
     examples = encode(evals, spec.data, spec.model, tok)
     num_labels = len(spec.model.labels()) if spec.model.task == "seq-cls" else None
     report = evaluate_model(model, tok, examples, spec.model.task, num_labels)

@@ -4,10 +4,10 @@ round trip, loss goes down."""
 
 import pytest
 import torch
-from peft import PeftModel
 
 from pipelines.train import build_artifact, launch_training
 from test_train_local import mean, spec_for
+from workers.methods import load
 from workers.models import load_model, load_tokenizer
 
 # the tiny Llama of helpers.make_tiny_llama: hidden 32, intermediate 64, 4 heads, 2 KV heads (head dim 8)
@@ -22,6 +22,8 @@ METHODS = {
              lambda: LAYERS * sum(4 * (SHAPES[m][0] + SHAPES[m][1]) for m in ("q_proj", "v_proj", "down_proj"))),
     "ia3": ({"method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
             lambda: LAYERS * (SHAPES["k_proj"][1] + SHAPES["v_proj"][1] + SHAPES["down_proj"][0])),
+    "sparsepeft": ({"method": "sparsepeft", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+                   lambda: LAYERS * sum(4 * (SHAPES[m][0] + SHAPES[m][1]) for m in ("q_proj", "v_proj", "down_proj"))),
     "pvera": ({"method": "pvera", "r": 8, "target_modules": ["q_proj", "v_proj"]},
               lambda: LAYERS * sum(2 * 8 + SHAPES[m][1] for m in ("q_proj", "v_proj"))),
 }
@@ -66,13 +68,13 @@ def test_training_lowers_the_loss(trained):
 def test_merged_equals_unmerged_and_round_trip_is_exact(trained, tmp_path):
     spec = trained["spec"]
     tok = load_tokenizer(spec.model)
-    peft_model = PeftModel.from_pretrained(load_model(spec.model, tok), str(trained["folder"])).eval()
+    peft_model = load(load_model(spec.model, tok), trained["folder"], spec.adapter.method).eval()
     unmerged = _logits(peft_model, tok, TEXTS)
     base = _logits(load_model(spec.model, tok).eval(), tok, TEXTS)
     assert (unmerged - base).abs().max() > 1e-3, "the trained adapter should change the outputs"
 
     peft_model.save_pretrained(str(tmp_path / "again"), safe_serialization=True)
-    reloaded = PeftModel.from_pretrained(load_model(spec.model, tok), str(tmp_path / "again")).eval()
+    reloaded = load(load_model(spec.model, tok), tmp_path / "again", spec.adapter.method).eval()
     assert torch.equal(_logits(reloaded, tok, TEXTS), unmerged)
 
     merged = peft_model.merge_and_unload().eval()

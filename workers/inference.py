@@ -37,7 +37,7 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, folder: str | Path, manifest: dict) -> None:
-        from peft import PeftModel
+        from workers.methods import load
 
         folder = Path(folder)
         check_base(manifest, self.base_sha256, folder)
@@ -45,9 +45,28 @@ class Engine:
             raise AdapterIntegrityError(
                 f"adapter {name!r} is for task {manifest['task']!r}, this base serves {self.spec.task!r}"
             )
+        methods = {m["method"] for m in self.adapters.values()} | {manifest["method"]}
+        if "sparsepeft" in methods and len(methods) > 1:
+            raise AdapterIntegrityError(
+                f"adapter {name!r}: SparsePEFT adapters cannot share a replica with other methods "
+                f"({', '.join(sorted(methods))}); deploy them as separate applications"
+            )
         with self._lock:
             if self.model is None:
-                self.model = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name)
+                self.model = load(self.base, folder, manifest["method"], adapter_name=name)
+            elif manifest["method"] == "sparsepeft":
+                import torch.nn as nn
+                from peft import LoraConfig
+                from peft.utils import set_peft_model_state_dict
+                from safetensors.torch import load_file
+
+                from workers.methods.sparsepeft import _sparse_linear_class
+
+                config = LoraConfig.from_pretrained(str(folder))
+                config._register_custom_module({nn.Linear: _sparse_linear_class()})
+                self.model.add_adapter(name, config)
+                set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")),
+                                          adapter_name=name)
             else:
                 self.model.load_adapter(str(folder), adapter_name=name)
             self.model.eval()

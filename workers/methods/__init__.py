@@ -14,12 +14,14 @@ from workers.errors import SpecError
 from workers.methods.ia3 import IA3Spec
 from workers.methods.lora import LoraSpec
 from workers.methods.pvera import PveraSpec
+from workers.methods.sparsepeft import SparsePeftSpec
 
 # name -> (spec class, module path). Adding a method = one module + one line here.
 REGISTRY: dict[str, tuple[type, str]] = {
     "lora": (LoraSpec, "workers.methods.lora"),
     "ia3": (IA3Spec, "workers.methods.ia3"),
     "pvera": (PveraSpec, "workers.methods.pvera"),
+    "sparsepeft": (SparsePeftSpec, "workers.methods.sparsepeft"),
 }
 
 
@@ -39,3 +41,13 @@ def method_module(name: str) -> ModuleType:
 
 def attach(model, spec, task: str):
     return method_module(spec.method).attach(model, spec, task)
+
+
+def load(base, folder, method: str, adapter_name: str = "default"):
+    """A saved adapter on `base`: the method's own loader when it has one, else PEFT's."""
+    module = method_module(method)
+    if hasattr(module, "load"):
+        return module.load(base, str(folder), adapter_name)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)

@@ -1,0 +1,83 @@
+"""SparsePEFT (SQFT): LoRA whose update is masked by the base weight's non-zeros,
+y = Wx + ((s·B·A) ⊙ M) x with M = (W != 0) and s = alpha/r. Merging W' = W + (s·B·A) ⊙ M keeps
+exactly the base's zero pattern, so a Wanda-sparse base stays sparse after merging.
+
+Built on PEFT's LoRA through its custom-module hook: the saved files are PEFT LoRA files, and the
+manifest's method `sparsepeft` tells our loader to restore the mask (stock PEFT would load the
+update unmasked).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from workers.methods.lora import LoraSpec
+
+
+class SparsePeftSpec(LoraSpec):
+    method: Literal["sparsepeft"] = "sparsepeft"  # type: ignore[assignment]
+
+    def peft_config(self, task: str):
+        import torch.nn as nn
+
+        config = super().peft_config(task)
+        config._register_custom_module({nn.Linear: _sparse_linear_class()})
+        return config
+
+
+_CLASS = None
+
+
+def _sparse_linear_class():
+    """PEFT's LoRA Linear with the update masked by the base weight's non-zeros (built lazily so
+    importing this module needs no torch)."""
+    global _CLASS
+    if _CLASS is not None:
+        return _CLASS
+    import torch.nn.functional as F
+    from peft.tuners.lora.layer import Linear
+
+    class SparseLoraLinear(Linear):
+        def _mask(self):
+            return self.get_base_layer().weight != 0
+
+        def get_delta_weight(self, adapter):
+            delta = super().get_delta_weight(adapter)
+            mask = self._mask()
+            return delta * (mask.T if self.fan_in_fan_out else mask).to(delta.dtype)
+
+        def forward(self, x, *args, **kwargs):
+            if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+                return super().forward(x, *args, **kwargs)
+            result = self.base_layer(x, *args, **kwargs)
+            dtype = result.dtype
+            for name in self.active_adapters:
+                if name not in self.lora_A:
+                    continue
+                a = self.lora_A[name].weight
+                xa = self._cast_input_dtype(x, a.dtype)
+                delta = self.get_delta_weight(name)
+                result = result + F.linear(self.lora_dropout[name](xa), delta)
+            return result.to(dtype)
+
+        def __repr__(self) -> str:
+            return "sparsepeft." + super().__repr__()
+
+    _CLASS = SparseLoraLinear
+    return _CLASS
+
+
+def attach(model, spec: SparsePeftSpec, task: str):
+    from peft import get_peft_model
+
+    return get_peft_model(model, spec.peft_config(task))
+
+
+def load(base, folder: str, adapter_name: str = "default"):
+    """A saved SparsePEFT adapter on `base`, with the mask restored."""
+    import torch.nn as nn
+    from peft import LoraConfig, PeftModel
+
+    config = LoraConfig.from_pretrained(folder)
+    config._register_custom_module({nn.Linear: _sparse_linear_class()})
+    return PeftModel.from_pretrained(base, folder, adapter_name=adapter_name, config=config)
