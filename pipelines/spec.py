@@ -67,6 +67,13 @@ class PipelineSpec(StrictModel):
     def _check(self):
         if self.model.task == "causal-lm" and (self.model.num_labels or self.model.id2label):
             raise ValueError("model.num_labels/id2label apply to seq-cls only; remove them for causal-lm")
+        if self.adapter.method == "alora":
+            if self.model.task != "causal-lm":
+                raise ValueError("adapter.method alora needs model.task: causal-lm (aLoRA reuses a causal "
+                                 "LM's KV cache); use lora for seq-cls")
+            if self.adapter.invocation_string not in self.model.prompt_format:
+                # every prompt, in training and in serving, ends with the invocation
+                self.model.prompt_format += self.adapter.invocation_string
         return self
 
     def with_absolute_paths(self, base: Path | None = None) -> PipelineSpec:

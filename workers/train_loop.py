@@ -147,7 +147,7 @@ def build_trainable(spec, seed: int):
     tok = load_tokenizer(spec.model)
     model = load_model(spec.model, tok)
     torch.manual_seed(seed)
-    model = attach(model, spec.adapter, spec.model.task)
+    model = attach(model, spec.adapter, spec.model.task, tokenizer=tok, prompt_format=spec.model.prompt_format)
     return tok, model
 
 

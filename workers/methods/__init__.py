@@ -11,6 +11,7 @@ import importlib
 from types import ModuleType
 
 from workers.errors import SpecError
+from workers.methods.alora import ALoraSpec
 from workers.methods.ia3 import IA3Spec
 from workers.methods.lora import LoraSpec
 from workers.methods.pvera import PveraSpec
@@ -22,6 +23,7 @@ REGISTRY: dict[str, tuple[type, str]] = {
     "ia3": (IA3Spec, "workers.methods.ia3"),
     "pvera": (PveraSpec, "workers.methods.pvera"),
     "sparsepeft": (SparsePeftSpec, "workers.methods.sparsepeft"),
+    "alora": (ALoraSpec, "workers.methods.alora"),
 }
 
 
@@ -39,8 +41,11 @@ def method_module(name: str) -> ModuleType:
     return importlib.import_module(path)
 
 
-def attach(model, spec, task: str):
-    return method_module(spec.method).attach(model, spec, task)
+def attach(model, spec, task: str, tokenizer=None, prompt_format: str | None = None):
+    module = method_module(spec.method)
+    if spec.method == "alora":
+        return module.attach(model, spec, task, tokenizer=tokenizer, prompt_format=prompt_format)
+    return module.attach(model, spec, task)
 
 
 def load(base, folder, method: str, adapter_name: str = "default"):

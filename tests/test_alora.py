@@ -1,0 +1,78 @@
+"""aLoRA on stories260K: before the invocation the logits are the base model's (so its KV cache can
+be reused); from the invocation on, the trained adapter changes them."""
+
+import pytest
+import torch
+
+from helpers import need_shared
+from pipelines.spec import parse_spec
+from pipelines.train import build_artifact, launch_training
+from workers.errors import SpecError
+from workers.methods import load
+from workers.models import load_model, load_tokenizer
+
+INVOCATION = " Answer:"
+
+
+def alora_spec(model, data, tmp, **adapter):
+    return parse_spec({
+        "name": "alora-test", "workspace": str(tmp / "ws"),
+        "model": {"name": str(model), "task": "causal-lm", "prompt_format": "Question: {prompt}."},
+        "data": {"path": str(data), "max_length": 48, "input_template": "{instruction}",
+                 "target_template": " {output}"},
+        "adapter": {"method": "alora", "invocation_string": INVOCATION, "r": 8, "alpha": 16,
+                    "target_modules": ["q_proj", "v_proj"], **adapter},
+        "train": {"num_workers": 0, "global_batch_size": 8, "lr": 2e-2, "epochs": 2, "checkpoint_every": 100,
+                  "seed": 1},
+    })
+
+
+def test_spec_rules():
+    with pytest.raises(SpecError, match="alora needs model.task: causal-lm"):
+        parse_spec({"name": "x", "model": {"name": "m"}, "data": {"path": "p"},
+                    "adapter": {"method": "alora", "invocation_string": " go"}})
+    with pytest.raises(SpecError, match="adapter.invocation_string: required key is missing"):
+        parse_spec({"name": "x", "model": {"name": "m", "task": "causal-lm"}, "data": {"path": "p"},
+                    "adapter": {"method": "alora"}})
+    s = parse_spec({"name": "x", "model": {"name": "m", "task": "causal-lm"}, "data": {"path": "p"},
+                    "adapter": {"method": "alora", "invocation_string": " go"}})
+    assert s.model.prompt_format == "{prompt} go"  # every prompt carries the invocation
+
+
+def test_logits_before_the_invocation_are_the_base_models(toy_instruct, tmp_path, ray_session):
+    model_path = need_shared("models", "stories260K")
+    spec = alora_spec(model_path, toy_instruct, tmp_path)
+    out = launch_training(spec, run_name="alora")
+    losses = [h["loss"] for h in out.history]
+    assert sum(losses[-4:]) < sum(losses[:4])
+    folder = build_artifact(spec, out.checkpoint, tmp_path / "adapter")
+
+    tok = load_tokenizer(spec.model)
+    base = load_model(spec.model, tok).eval()
+    adapted = load(load_model(spec.model, tok), folder, "alora").eval()
+    prompt = spec.model.prompt_format.format(prompt="say the word good")
+    ids = tok(prompt + " good good", return_tensors="pt")["input_ids"]
+    inv = tok.encode(INVOCATION, add_special_tokens=False)
+    seq = ids[0].tolist()
+    start = max(i for i in range(len(seq) - len(inv) + 1) if seq[i : i + len(inv)] == inv)
+    with torch.no_grad():
+        lb = base(input_ids=ids).logits[0]
+        la = adapted(input_ids=ids).logits[0]
+    assert torch.allclose(la[:start], lb[:start], atol=1e-5)
+    assert (la[start:] - lb[start:]).abs().amax(-1).min() > 1e-4  # every position from the invocation on
+
+
+def test_warns_when_the_invocation_tokenizes_differently_in_context(caplog):
+    from workers.methods.alora import ALoraSpec, invocation_tokens
+
+    tok = load_tokenizer(parse_spec({"name": "x", "model": {"name": str(need_shared("models", "stories260K")),
+                                                            "task": "causal-lm"}, "data": {"path": "p"},
+                                     "adapter": {"method": "lora"}}).model)
+    spec = ALoraSpec(invocation_string="swer:")  # merges with the text before it in context
+    with caplog.at_level("WARNING"):
+        invocation_tokens(tok, spec, "Question: what is the an" + "swer:")
+    assert "does not tokenize the same inside a prompt" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        invocation_tokens(tok, ALoraSpec(invocation_string=INVOCATION), "Question: hi." + INVOCATION)
+    assert "does not tokenize" not in caplog.text
