@@ -109,6 +109,43 @@ def sparsify(spec: Path, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def merge(adapter: Annotated[str, typer.Argument(help="An adapter folder or MLflow URI (models:/NAME@ALIAS).")],
+          output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
+          tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ references.")] = None,
+          ) -> None:
+    """Merge a mergeable adapter into its base and save the full model (safetensors)."""
+    _quiet()
+    from workers.merge import merge_adapter
+    from workers.store import resolve
+
+    folder, manifest = resolve(adapter, tracking_uri=tracking_uri)
+    report = merge_adapter(folder, manifest, output)
+    console.print(f"merged {manifest['method']} adapter into {manifest['base_model']['name']}: {output} "
+                  f"({report['nonzeros_added']} non-zeros added to Linear weights)")
+
+
+@app.command(name="check-sparsity")
+def check_sparsity(model_dir: Path, every_layer: Annotated[bool, typer.Option(help="List every layer.")] = False) -> None:
+    """Report the zeros of every 2-D weight of a saved model (embeddings excluded)."""
+    from rich.table import Table
+
+    from workers.merge import sparsity_of
+
+    if not model_dir.is_dir():
+        err_console.print(f"[red]error:[/] {model_dir} is not a folder")
+        raise typer.Exit(2)
+    rep = sparsity_of(model_dir)
+    table = Table(title=f"sparsity of {model_dir}")
+    table.add_column("weight")
+    table.add_column("sparsity", justify="right")
+    if every_layer:
+        for k, v in rep["layers"].items():
+            table.add_row(k, f"{v['sparsity']:.4f}")
+    table.add_row("[bold]total[/]", f"[bold]{rep['total']['sparsity']:.4f}[/]")
+    console.print(table)
+
+
+@app.command()
 def serve(target: Annotated[str, typer.Argument(help="A spec file, an MLflow URI (models:/NAME@ALIAS) or an adapter folder.")],
           set_: SetOpt = None,
           name: Annotated[Optional[str], typer.Option(help="Adapter name clients use.")] = None,

@@ -121,3 +121,35 @@ def test_the_serving_engine_applies_the_mask(trained):
     lspec, lfolder = trained["lora"]
     with pytest.raises(Exception, match="cannot share a replica"):
         engine.add_adapter("plain", lfolder, verify(lfolder))
+
+
+def test_merge_and_check_sparsity_commands(trained, sparse_base, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from workers.merge import sparsity_of
+
+    runner = CliRunner()
+    spec, folder = trained["sparsepeft"]
+    r = runner.invoke(app, ["merge", str(folder), "-o", str(tmp_path / "sp")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "sp" / "merge_report.json").read_text())["nonzeros_added"] == 0
+    lspec, lfolder = trained["lora"]
+    r = runner.invoke(app, ["merge", str(lfolder), "-o", str(tmp_path / "lora")], catch_exceptions=False)
+    assert json.loads((tmp_path / "lora" / "merge_report.json").read_text())["nonzeros_added"] > 1000
+    base, sp, lo = sparsity_of(sparse_base), sparsity_of(tmp_path / "sp"), sparsity_of(tmp_path / "lora")
+    assert sp["total"]["zeros"] >= base["total"]["zeros"] - 64  # only the new seq-cls head differs
+    assert lo["total"]["zeros"] < sp["total"]["zeros"]
+    r = runner.invoke(app, ["check-sparsity", str(tmp_path / "sp")], catch_exceptions=False)
+    assert r.exit_code == 0 and f"{sp['total']['sparsity']:.4f}" in r.output
+
+
+def test_unmergeable_adapters_are_refused():
+    from workers.errors import AdapterIntegrityError
+    from workers.merge import check_mergeable
+
+    with pytest.raises(AdapterIntegrityError, match="alora adapter cannot be merged"):
+        check_mergeable({"method": "alora"})
+    with pytest.raises(AdapterIntegrityError, match="samples at inference"):
+        check_mergeable({"method": "pvera", "adapter": {"sample_at_inference": True}})
+    check_mergeable({"method": "pvera", "adapter": {"sample_at_inference": False}})

@@ -1,0 +1,76 @@
+"""Merging an adapter into its base (a plain transformers model in safetensors), and reading the
+sparsity of a saved model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from workers.errors import AdapterIntegrityError
+
+
+def check_mergeable(manifest: dict) -> None:
+    from workers.methods import REGISTRY
+
+    method = manifest["method"]
+    cls = REGISTRY.get(method, (None,))[0]
+    if cls is None:
+        raise AdapterIntegrityError(f"adapter method {method!r} is not known to this version")
+    if not getattr(cls, "mergeable", False):
+        raise AdapterIntegrityError(
+            f"a {method} adapter cannot be merged: it applies only from its invocation on, which a merged "
+            "weight cannot express; serve it as an adapter instead"
+        )
+    if method == "pvera" and manifest.get("adapter", {}).get("sample_at_inference"):
+        raise AdapterIntegrityError(
+            "this PVeRA adapter samples at inference; a merged weight holds only the mean. Retrain with "
+            "sample_at_inference: false, or serve it as an adapter"
+        )
+
+
+def linear_nonzeros(model) -> int:
+    import torch.nn as nn
+
+    return sum(int((m.weight != 0).sum()) for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def merge_adapter(folder: Path, manifest: dict, output: Path) -> dict:
+    from workers.config import ModelSpec
+    from workers.methods import load
+    from workers.models import load_model, load_tokenizer
+
+    check_mergeable(manifest)
+    spec = ModelSpec.model_validate(manifest["model"])
+    tok = load_tokenizer(spec)
+    base = load_model(spec, tok)
+    before = linear_nonzeros(base)
+    merged = load(base, folder, manifest["method"]).merge_and_unload()
+    after = linear_nonzeros(merged)
+    output.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(output, safe_serialization=True)
+    tok.save_pretrained(output)
+    report = {"method": manifest["method"], "base_model": manifest["base_model"],
+              "adapter_weights": manifest["weights"], "linear_nonzeros_before": before,
+              "linear_nonzeros_after": after, "nonzeros_added": after - before}
+    (output / "merge_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def sparsity_of(folder: Path) -> dict:
+    """Zeros of every 2-D weight in a model folder's safetensors files, read without building it."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .safetensors files")
+    layers, zeros, numel = {}, 0, 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                t = fh.get_tensor(key)
+                if t.ndim != 2 or not key.endswith("weight") or "embed" in key:
+                    continue
+                z = int((t == 0).sum())
+                layers[key] = {"zeros": z, "numel": t.numel(), "sparsity": z / t.numel()}
+                zeros, numel = zeros + z, numel + t.numel()
+    return {"layers": layers, "total": {"zeros": zeros, "numel": numel, "sparsity": zeros / max(numel, 1)}}
