@@ -79,3 +79,33 @@ def test_merged_equals_unmerged_and_round_trip_is_exact(trained, tmp_path):
 
     merged = peft_model.merge_and_unload().eval()
     assert torch.allclose(_logits(merged, tok, TEXTS), unmerged, atol=1e-5)
+
+
+def test_pvera_monte_carlo_mean_and_interval(trained):
+    from workers.montecarlo import mc_outputs
+
+    if trained["name"] != "pvera":
+        pytest.skip("Monte-Carlo outputs are a PVeRA feature")
+    spec = trained["spec"]
+    tok = load_tokenizer(spec.model)
+    model = load(load_model(spec.model, tok), trained["folder"], "pvera").eval()
+    batch = dict(tok(TEXTS, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        mean_only = torch.softmax(model(**batch).logits, -1)
+    a = mc_outputs(model, batch, samples=64, seed=3, task="seq-cls")
+    b = mc_outputs(model, batch, samples=64, seed=3, task="seq-cls")
+    assert torch.equal(a["mean"], b["mean"])  # seeded
+    assert (a["std"] > 0).all() and (a["low"] < a["mean"]).all() and (a["mean"] < a["high"]).all()
+    assert torch.allclose(a["mean"].sum(-1), torch.ones(len(TEXTS)), atol=1e-5)
+    # reference: the same draws written out here, z = mu + eps*sigma through PEFT's layers, averaged
+    torch.manual_seed(3)
+    from workers.montecarlo import sampling
+
+    with torch.no_grad(), sampling(model):
+        ref = torch.stack([torch.softmax(model(**batch).logits, -1) for _ in range(64)]).mean(0)
+    assert torch.allclose(a["mean"], ref, atol=1e-6)
+    # sampling is switched off again afterwards: outputs are the mean-only ones
+    with torch.no_grad():
+        assert torch.equal(torch.softmax(model(**batch).logits, -1), mean_only)
+    # the Monte-Carlo mean lands near the mean-only output, not on it
+    assert (a["mean"] - mean_only).abs().max() < 0.2
