@@ -111,7 +111,7 @@ _EXPECTED = {
 }
 
 
-def _key_path(loc: tuple, error_type: str) -> str:
+def _key_path(loc: tuple) -> str:
     parts: list[str] = []
     for i, item in enumerate(loc):
         # a discriminated union puts the tag (e.g. 'lora') into the location: drop it
@@ -126,10 +126,10 @@ def _key_path(loc: tuple, error_type: str) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def format_errors(err: ValidationError, model: type[StrictModel] = None) -> list[str]:
+def format_errors(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
-        path = _key_path(tuple(e["loc"]), e["type"])
+        path = _key_path(tuple(e["loc"]))
         kind = e["type"]
         got = e.get("input")
         if kind == "extra_forbidden":

@@ -55,18 +55,9 @@ class Engine:
             if self.model is None:
                 self.model = load(self.base, folder, manifest["method"], adapter_name=name)
             elif manifest["method"] == "sparsepeft":
-                import torch.nn as nn
-                from peft import LoraConfig
-                from peft.utils import set_peft_model_state_dict
-                from safetensors.torch import load_file
+                from workers.methods.sparsepeft import add
 
-                from workers.methods.sparsepeft import _sparse_linear_class
-
-                config = LoraConfig.from_pretrained(str(folder))
-                config._register_custom_module({nn.Linear: _sparse_linear_class()})
-                self.model.add_adapter(name, config)
-                set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")),
-                                          adapter_name=name)
+                add(self.model, str(folder), name)
             else:
                 self.model.load_adapter(str(folder), adapter_name=name)
             self.model.eval()

@@ -1,7 +1,8 @@
 """Adapter methods: one module per method, one registry line per method.
 
-A method module defines a pydantic spec class (its `method` field is the registry name) and
-`attach(model, spec, task) -> peft model`. Loading a saved adapter goes through PEFT's own
+A method module defines a pydantic spec class (its `method` field is the registry name). A spec
+with `peft_config(task)` is attached with PEFT's `get_peft_model`; a module that needs more (the
+tokenizer, say) defines `attach(model, spec, task, tokenizer=..., prompt_format=...)`. Loading a saved adapter goes through PEFT's own
 `PeftModel.from_pretrained` for every PEFT-backed method.
 """
 
@@ -42,10 +43,13 @@ def method_module(name: str) -> ModuleType:
 
 
 def attach(model, spec, task: str, tokenizer=None, prompt_format: str | None = None):
+    """Wrap `model` in a PEFT model with a fresh adapter; only the adapter (and the head) train."""
     module = method_module(spec.method)
-    if spec.method == "alora":
+    if hasattr(module, "attach"):
         return module.attach(model, spec, task, tokenizer=tokenizer, prompt_format=prompt_format)
-    return module.attach(model, spec, task)
+    from peft import get_peft_model
+
+    return get_peft_model(model, spec.peft_config(task))
 
 
 def load(base, folder, method: str, adapter_name: str = "default"):

@@ -49,9 +49,3 @@ class IA3Spec(StrictModel):
             init_ia3_weights=self.init_ia3_weights,
             task_type=TASK_TYPES[task],
         )
-
-
-def attach(model, spec: IA3Spec, task: str):
-    from peft import get_peft_model
-
-    return get_peft_model(model, spec.peft_config(task))

@@ -42,10 +42,3 @@ class LoraSpec(StrictModel):
             init_lora_weights=self.init_lora_weights,
             task_type=TASK_TYPES[task],
         )
-
-
-def attach(model, spec: LoraSpec, task: str):
-    """Wrap `model` in a PEFT model with a fresh LoRA adapter; only adapter (and head) train."""
-    from peft import get_peft_model
-
-    return get_peft_model(model, spec.peft_config(task))

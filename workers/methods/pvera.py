@@ -52,9 +52,3 @@ class PveraSpec(StrictModel):
             generator_seed=self.generator_seed,
             task_type=TASK_TYPES[task],
         )
-
-
-def attach(model, spec: PveraSpec, task: str):
-    from peft import get_peft_model
-
-    return get_peft_model(model, spec.peft_config(task))

@@ -67,17 +67,26 @@ def _sparse_linear_class():
     return _CLASS
 
 
-def attach(model, spec: SparsePeftSpec, task: str):
-    from peft import get_peft_model
+def _saved_config(folder: str):
+    import torch.nn as nn
+    from peft import LoraConfig
 
-    return get_peft_model(model, spec.peft_config(task))
+    config = LoraConfig.from_pretrained(folder)
+    config._register_custom_module({nn.Linear: _sparse_linear_class()})
+    return config
 
 
 def load(base, folder: str, adapter_name: str = "default"):
     """A saved SparsePEFT adapter on `base`, with the mask restored."""
-    import torch.nn as nn
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
 
-    config = LoraConfig.from_pretrained(folder)
-    config._register_custom_module({nn.Linear: _sparse_linear_class()})
-    return PeftModel.from_pretrained(base, folder, adapter_name=adapter_name, config=config)
+    return PeftModel.from_pretrained(base, folder, adapter_name=adapter_name, config=_saved_config(folder))
+
+
+def add(peft_model, folder: str, adapter_name: str) -> None:
+    """One more saved SparsePEFT adapter on a PeftModel that already holds one."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    peft_model.add_adapter(adapter_name, _saved_config(folder))
+    set_peft_model_state_dict(peft_model, load_file(f"{folder}/adapter_model.safetensors"), adapter_name=adapter_name)
