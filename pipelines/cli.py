@@ -30,6 +30,17 @@ def _load(spec_path: Path, overrides: list[str] | None):
     return parse_spec(data, source=str(spec_path)), data
 
 
+def _store_uri(tracking_uri: str | None) -> str | None:
+    """Where models:/ references resolve: --tracking-uri, else $MLFLOW_TRACKING_URI, else the
+    embedded store a pipeline run from this folder writes (.adapterflow/mlflow.db)."""
+    import os
+
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return tracking_uri
+    default = Path.cwd() / ".adapterflow" / "mlflow.db"
+    return f"sqlite:///{default}" if default.is_file() else None
+
+
 def _quiet() -> None:
     for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
                  "DO_NOT_TRACK": "true", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -113,15 +124,55 @@ def merge(adapter: Annotated[str, typer.Argument(help="An adapter folder or MLfl
           output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
           tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ references.")] = None,
           ) -> None:
-    """Merge a mergeable adapter into its base and save the full model (safetensors)."""
+    """Merge a mergeable adapter into its base and save the full model (safetensors; a QA-SparsePEFT
+    adapter gives one packed INT4 sparse model)."""
     _quiet()
     from workers.merge import merge_adapter
     from workers.store import resolve
 
-    folder, manifest = resolve(adapter, tracking_uri=tracking_uri)
+    folder, manifest = resolve(adapter, tracking_uri=_store_uri(tracking_uri))
     report = merge_adapter(folder, manifest, output)
     console.print(f"merged {manifest['method']} adapter into {manifest['base_model']['name']}: {output} "
                   f"({report['nonzeros_added']} non-zeros added to Linear weights)")
+
+
+@app.command(name="extract-subadapter")
+def extract_subadapter(
+    adapter: Annotated[str, typer.Argument(help="An NLS super-adapter: folder or MLflow URI (models:/NAME@ALIAS).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the sub-adapter.")],
+    version: Annotated[str, typer.Option(help="maximal, heuristic, minimal, or one rank per group: 32,24,16,...")] = "heuristic",
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ references.")] = None,
+) -> None:
+    """Cut a LoRA sub-adapter out of an NLS super-adapter (stock PEFT loads it)."""
+    _quiet()
+    from workers.artifact import write_manifest
+    from workers.errors import AdapterflowError
+    from workers.methods.nls import extract_subadapter as extract
+    from workers.store import resolve
+
+    try:
+        choice = [int(x) for x in version.split(",")] if version[:1].isdigit() else version
+    except ValueError:
+        err_console.print(f"[red]error:[/] --version {version!r}: ranks must be integers (e.g. 32,24,16)")
+        raise typer.Exit(2) from None
+    folder, manifest = resolve(adapter, tracking_uri=_store_uri(tracking_uri))
+    if manifest["method"] != "nls":
+        err_console.print(f"[red]error:[/] {adapter} is a {manifest['method']} adapter, not an NLS super-adapter")
+        raise typer.Exit(2)
+    try:
+        summary = extract(folder, output, choice)
+    except AdapterflowError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    sub = {**manifest.get("adapter", {}), "method": "lora", "r": summary["r_max"]}
+    for k in ("search_space", "group_by", "seed"):
+        sub.pop(k, None)
+    write_manifest(output, method="lora", model=manifest["model"], base_sha256=manifest["base_model"]["sha256"],
+                   extra={"adapter": sub, "input_template": manifest.get("input_template"),
+                          "max_length": manifest.get("max_length"),
+                          "nls": {"super_adapter": adapter, "version": version, "ranks": summary["ranks"]}})
+    console.print(f"{version} sub-adapter: ranks {summary['ranks']} over {summary['groups']} groups, "
+                  f"{summary['lora_params']:,} LoRA parameters -> {output}")
 
 
 @app.command(name="check-sparsity")
@@ -172,7 +223,7 @@ def serve(target: Annotated[str, typer.Argument(help="A spec file, an MLflow URI
         from pipelines.spec import PipelineSpec  # noqa: F401  (keeps the import cost in one place)
         from serve.config import ServeSpec
 
-        ref, uri = target, tracking_uri
+        ref, uri = target, _store_uri(tracking_uri)
         adapter = name or Path(target.rstrip("/")).name.split("@")[0] or "adapter"
         sv = ServeSpec()
         import ray

@@ -26,7 +26,10 @@ METHODS = {
                    lambda: LAYERS * sum(4 * (SHAPES[m][0] + SHAPES[m][1]) for m in ("q_proj", "v_proj", "down_proj"))),
     "pvera": ({"method": "pvera", "r": 8, "target_modules": ["q_proj", "v_proj"]},
               lambda: LAYERS * sum(2 * 8 + SHAPES[m][1] for m in ("q_proj", "v_proj"))),
+    # SpaRTA draws each weight of v/o (the non-frozen pool) with p = ((1-s)·N - head) / pool
+    "sparta": ({"method": "sparta", "sparsity": 0.9, "seed": 5}, None),
 }
+SPARTA_POOL = LAYERS * sum(SHAPES[m][0] * SHAPES[m][1] for m in ("v_proj", "o_proj"))
 
 
 @pytest.fixture(scope="module", params=sorted(METHODS))
@@ -57,7 +60,16 @@ TEXTS = ["good great lovely movie", "bad awful dull plot", "the cast was fun and
 
 
 def test_trainable_parameters_match_the_formula(trained):
-    assert trained["out"].metrics["trainable_params"] == trained["formula"]() + HEAD
+    metrics = trained["out"].metrics
+    if trained["name"] != "sparta":
+        assert metrics["trainable_params"] == trained["formula"]() + HEAD
+        return
+    import math
+
+    target = (1 - 0.9) * metrics["total_params"]  # the head counts in SpaRTA's budget
+    p = (target - HEAD) / SPARTA_POOL
+    assert 0 < p < 1
+    assert abs(metrics["trainable_params"] - target) < 4 * math.sqrt(SPARTA_POOL * p * (1 - p))
 
 
 def test_training_lowers_the_loss(trained):

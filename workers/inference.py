@@ -14,6 +14,12 @@ from workers.errors import AdapterIntegrityError, UnknownAdapterError
 log = logging.getLogger(__name__)
 
 
+def _group(method: str) -> str:
+    from workers.methods import REGISTRY
+
+    return getattr(REGISTRY[method][0], "replica_group", method) if method in REGISTRY else method
+
+
 class WrongTaskError(ValueError):
     """A request for a task the adapter was not trained for."""
 
@@ -37,7 +43,7 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, folder: str | Path, manifest: dict) -> None:
-        from workers.methods import load
+        from workers.methods import add, load
 
         folder = Path(folder)
         check_base(manifest, self.base_sha256, folder)
@@ -45,21 +51,19 @@ class Engine:
             raise AdapterIntegrityError(
                 f"adapter {name!r} is for task {manifest['task']!r}, this base serves {self.spec.task!r}"
             )
-        methods = {m["method"] for m in self.adapters.values()} | {manifest["method"]}
-        if "sparsepeft" in methods and len(methods) > 1:
+        groups = {_group(m["method"]) for m in self.adapters.values()} | {_group(manifest["method"])}
+        if len(groups) > 1:
+            methods = sorted({m["method"] for m in self.adapters.values()} | {manifest["method"]})
             raise AdapterIntegrityError(
-                f"adapter {name!r}: SparsePEFT adapters cannot share a replica with other methods "
-                f"({', '.join(sorted(methods))}); deploy them as separate applications"
+                f"adapter {name!r} ({manifest['method']}) cannot share a replica with the adapters already "
+                f"loaded ({', '.join(methods)}): their methods change the base in incompatible ways; "
+                "deploy them as separate applications"
             )
         with self._lock:
             if self.model is None:
                 self.model = load(self.base, folder, manifest["method"], adapter_name=name)
-            elif manifest["method"] == "sparsepeft":
-                from workers.methods.sparsepeft import add
-
-                add(self.model, str(folder), name)
             else:
-                self.model.load_adapter(str(folder), adapter_name=name)
+                add(self.model, folder, manifest["method"], name)
             self.model.eval()
             self.adapters[name] = manifest
         log.info("loaded adapter %s (%s) from %s", name, manifest["method"], folder)

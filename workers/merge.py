@@ -47,8 +47,13 @@ def merge_adapter(folder: Path, manifest: dict, output: Path) -> dict:
     merged = load(base, folder, manifest["method"]).merge_and_unload()
     after = linear_nonzeros(merged)
     output.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(output, safe_serialization=True)
-    tok.save_pretrained(output)
+    if manifest["method"] == "qa-sparsepeft":  # one packed INT4 sparse model
+        from workers.int4 import save_int4_model
+
+        save_int4_model(merged, tok, output)
+    else:
+        merged.save_pretrained(output, safe_serialization=True)
+        tok.save_pretrained(output)
     report = {"method": manifest["method"], "base_model": manifest["base_model"],
               "adapter_weights": manifest["weights"], "linear_nonzeros_before": before,
               "linear_nonzeros_after": after, "nonzeros_added": after - before}
@@ -66,8 +71,18 @@ def sparsity_of(folder: Path) -> dict:
     layers, zeros, numel = {}, 0, 0
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
+            for key in sorted(fh.keys()):
                 t = fh.get_tensor(key)
+                if key.endswith(".qweight"):  # packed INT4: a weight is zero where its code is the zero point
+                    from workers.int4 import unpack
+
+                    stem = key[: -len(".qweight")]
+                    zp = fh.get_tensor(f"{stem}.zeros")
+                    codes = unpack(t)
+                    z = int((codes == zp.repeat_interleave(codes.shape[1] // zp.shape[1], 1)).sum())
+                    layers[f"{stem}.weight"] = {"zeros": z, "numel": codes.numel(), "sparsity": z / codes.numel()}
+                    zeros, numel = zeros + z, numel + codes.numel()
+                    continue
                 if t.ndim != 2 or not key.endswith("weight") or "embed" in key:
                     continue
                 z = int((t == 0).sum())

@@ -146,6 +146,8 @@ def load_model(spec: ModelSpec, tokenizer=None):
 
 
 def count_parameters(model) -> tuple[int, int]:
+    if hasattr(model, "parameter_counts"):  # a method whose trainables sit beside the weights
+        return model.parameter_counts()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total

@@ -162,8 +162,14 @@ def _gathered(engine, stage: int):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def save_adapter_weights(peft_model, directory: Path) -> None:
+def save_adapter_weights(peft_model, directory: Path, adapter_spec=None) -> None:
     peft_model.save_pretrained(str(directory), safe_serialization=True)
+    if adapter_spec is not None:
+        from workers.methods import method_module
+
+        module = method_module(adapter_spec.method)
+        if hasattr(module, "write_extra"):  # what the method needs beside the weights to load them
+            module.write_extra(adapter_spec, directory)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -277,7 +283,7 @@ def _train(config: dict, spec, train, rank: int, world: int) -> None:
                 if last:
                     with _gathered(engine, train.zero_stage):
                         if rank == 0:
-                            save_adapter_weights(engine.module, tmpdir / FINAL_ADAPTER_DIR)
+                            save_adapter_weights(engine.module, tmpdir / FINAL_ADAPTER_DIR, spec.adapter)
                     metrics["train_seconds"] = time.perf_counter() - t0
                     metrics["resumed_from_step"] = resumed_from
                 if rank == 0:

@@ -15,8 +15,11 @@ from workers.errors import SpecError
 from workers.methods.alora import ALoraSpec
 from workers.methods.ia3 import IA3Spec
 from workers.methods.lora import LoraSpec
+from workers.methods.nls import NlsSpec
 from workers.methods.pvera import PveraSpec
+from workers.methods.qa_sparsepeft import QASparsePeftSpec
 from workers.methods.sparsepeft import SparsePeftSpec
+from workers.methods.sparta import SpartaSpec
 
 # name -> (spec class, module path). Adding a method = one module + one line here.
 REGISTRY: dict[str, tuple[type, str]] = {
@@ -25,6 +28,9 @@ REGISTRY: dict[str, tuple[type, str]] = {
     "pvera": (PveraSpec, "workers.methods.pvera"),
     "sparsepeft": (SparsePeftSpec, "workers.methods.sparsepeft"),
     "alora": (ALoraSpec, "workers.methods.alora"),
+    "sparta": (SpartaSpec, "workers.methods.sparta"),
+    "qa-sparsepeft": (QASparsePeftSpec, "workers.methods.qa_sparsepeft"),
+    "nls": (NlsSpec, "workers.methods.nls"),
 }
 
 
@@ -60,3 +66,12 @@ def load(base, folder, method: str, adapter_name: str = "default"):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
+
+
+def add(model, folder, method: str, adapter_name: str) -> None:
+    """One more saved adapter on a model that already holds some (same replica group)."""
+    module = method_module(method)
+    if hasattr(module, "add"):
+        module.add(model, str(folder), adapter_name)
+    else:
+        model.load_adapter(str(folder), adapter_name=adapter_name)

@@ -31,6 +31,8 @@ class ALoraSpec(StrictModel):
 
     mergeable: ClassVar[bool] = False
 
+    replica_group: ClassVar[str] = "peft"  # methods of one group share a replica
+
 
 def invocation_tokens(tokenizer, spec: ALoraSpec, prompt_example: str | None = None) -> list[int]:
     """The invocation's token ids; warns when they do not appear as such inside a real prompt."""

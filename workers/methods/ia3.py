@@ -26,6 +26,8 @@ class IA3Spec(StrictModel):
 
     mergeable: ClassVar[bool] = True
 
+    replica_group: ClassVar[str] = "peft"  # methods of one group share a replica
+
     @model_validator(mode="after")
     def _check(self):
         if self.feedforward_modules is not None:

@@ -28,6 +28,8 @@ class LoraSpec(StrictModel):
 
     mergeable: ClassVar[bool] = True
 
+    replica_group: ClassVar[str] = "peft"  # methods of one group share a replica
+
     def peft_config(self, task: str):
         from peft import LoraConfig
 

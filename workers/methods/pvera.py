@@ -36,6 +36,8 @@ class PveraSpec(StrictModel):
 
     mergeable: ClassVar[bool] = True
 
+    replica_group: ClassVar[str] = "peft"  # methods of one group share a replica
+
     def peft_config(self, task: str):
         from peft import PveraConfig
 

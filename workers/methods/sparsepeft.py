@@ -9,13 +9,14 @@ update unmasked).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from workers.methods.lora import LoraSpec
 
 
 class SparsePeftSpec(LoraSpec):
     method: Literal["sparsepeft"] = "sparsepeft"  # type: ignore[assignment]
+    replica_group: ClassVar[str] = "sparsepeft"  # masks every LoRA layer of the replica's base
 
     def peft_config(self, task: str):
         import torch.nn as nn

@@ -1,0 +1,518 @@
+"""SpaRTA (sparse random parameter adaptation), written here; reads and writes peft-sparta's files.
+
+A seeded draw picks each weight of every non-frozen parameter independently with probability
+p = keep / (N_total - N_frozen), keep = (1 - sparsity)·N_total (the task head and any
+`trainable_tokens` rows are taken out of `keep` first: they are always fully trainable). The
+trainable values are float32 deltas at those indices, W = W0 + scatter(idx, Δ).
+
+Training: each chosen parameter gets a `torch.nn.utils.parametrize` parametrization computing
+W0 with (W0[idx].float() + Δ).to(dtype) written at idx, so every forward (and any recomputed
+forward) sees the deltas and autograd reaches only Δ. Inference: the deltas are merged in place
+(no runtime cost); the values they overwrite are kept, so unmerging restores the base exactly and
+one replica can switch between adapters.
+
+Files (peft-sparta's): `sparse_deltas.safetensors` with `indices.<param>` int32 [k, ndim] and
+`deltas.<param>` float32 [k] for every parameter (empty for untouched ones); `config.json` of the
+base with `sparta_pretrained_model`; for sequence classification `head_init.safetensors` (the
+random head the deltas start from; key `head` as peft-sparta reads it, and one key per head
+parameter). peft-sparta's pickled `*.pt` variants are read only with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from workers.errors import AdapterIntegrityError, SpecError
+from workers.methods.base import StrictModel
+
+UPSTREAM_FROZEN = ["embed_tokens", "self_attn.q", "self_attn.k", "mlp", "norm"]
+DELTAS_FILE = "sparse_deltas.safetensors"
+HEAD_INIT_FILE = "head_init.safetensors"
+NEW_EMBEDDINGS_FILE = "new_embeddings_init.safetensors"
+CONFIG_FILE = "sparta_config.json"
+
+
+class SpartaSpec(StrictModel):
+    method: Literal["sparta"] = "sparta"
+    sparsity: float = Field(
+        0.99, gt=0, lt=1,
+        description="Fraction of ALL model parameters left untrained (frozen modules included).",
+    )
+    frozen_modules: list[str] = Field(
+        default_factory=lambda: list(UPSTREAM_FROZEN),
+        description="Substrings of parameter names made entirely non-trainable (peft-sparta's default).",
+    )
+    trainable_tokens: list[int] | None = Field(
+        None, description="Token ids whose whole embedding rows train (e.g. new special tokens)."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the deltas during training.")
+    seed: int = Field(0, description="Seed of the random index draw (the indices are saved too).")
+
+    mergeable: ClassVar[bool] = True
+    replica_group: ClassVar[str] = "sparta"
+
+    @field_validator("trainable_tokens")
+    @classmethod
+    def _unique_tokens(cls, v):
+        if v is not None:
+            if len(set(v)) != len(v):
+                raise ValueError("token ids must be unique")
+            if any(t < 0 for t in v):
+                raise ValueError("token ids must be >= 0")
+        return v
+
+
+# ------------------------------------------------------------------ which weights train
+def named_parameters(model) -> dict:
+    """name -> parameter, each tensor once (tied weights under their first name)."""
+    return dict(model.named_parameters())
+
+
+def head_names(model, task: str) -> list[str]:
+    """The task head's parameters: for a sequence classifier, everything outside the backbone
+    (`score` on Llama-style models, `classifier` on BERT, ...)."""
+    if task != "seq-cls":
+        return []
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    names = [n for n in named_parameters(model) if not n.startswith(prefix)]
+    if not names:
+        names = [n for n in named_parameters(model) if n.split(".")[0] in ("score", "classifier")]
+    if not names:
+        raise SpecError(f"{type(model).__name__}: cannot find the classification head to train")
+    return names
+
+
+def _embedding_name(model) -> str | None:
+    if not hasattr(model, "get_input_embeddings"):
+        return None
+    weight = model.get_input_embeddings().weight
+    return next((n for n, p in named_parameters(model).items() if p is weight), None)
+
+
+def keep_probability(sizes: dict[str, int], spec: SpartaSpec, heads: list[str], embed: str | None,
+                     embed_dim: int | None) -> float:
+    """p for the non-frozen parameters, so that (1 - sparsity)·N_total weights train in all."""
+    total = sum(sizes.values())
+    keep = (1 - spec.sparsity) * total
+    head = sum(sizes[n] for n in heads)
+    if head > keep:
+        raise SpecError(
+            f"adapter.sparsity {spec.sparsity} is too high: the classification head alone has {head} "
+            f"weights; choose sparsity < {1 - head / total:.6f} to keep it fully trainable"
+        )
+    keep -= head
+    frozen = {n for n in sizes if n not in heads and any(k in n for k in spec.frozen_modules)}
+    tokens = 0
+    if spec.trainable_tokens:
+        tokens = len(spec.trainable_tokens) * embed_dim
+        if tokens > keep:
+            raise SpecError(
+                f"adapter.sparsity {spec.sparsity} is too high: the {len(spec.trainable_tokens)} trainable "
+                f"token rows need {tokens} weights; choose sparsity < {1 - (head + tokens) / total:.6f}"
+            )
+        keep -= tokens
+    pool = total - head - sum(sizes[n] for n in frozen) - (tokens if embed not in frozen else 0)
+    if pool <= 0 or keep / pool >= 1:
+        raise SpecError(
+            f"adapter.sparsity {spec.sparsity} is too low: only {max(pool, 0)} non-frozen weights to choose "
+            f"{int(keep)} from; raise the sparsity or freeze fewer modules (adapter.frozen_modules)"
+        )
+    return keep / pool
+
+
+def draw_indices(model, spec: SpartaSpec, task: str) -> dict:
+    """name -> flat int64 indices of the trainable weights (None = the whole tensor: the head)."""
+    import torch
+
+    params = named_parameters(model)
+    heads = head_names(model, task)
+    for n in heads:
+        hit = [k for k in spec.frozen_modules if k in n]
+        if hit:
+            raise SpecError(f"adapter.frozen_modules {hit} would freeze the classification head {n!r}; "
+                            "the head always trains: remove them")
+    embed = _embedding_name(model)
+    if spec.trainable_tokens:
+        if embed is None:
+            raise SpecError("adapter.trainable_tokens needs a model with input embeddings")
+        vocab = params[embed].shape[0]
+        bad = [t for t in spec.trainable_tokens if t >= vocab]
+        if bad:
+            raise SpecError(f"adapter.trainable_tokens {bad} are outside the vocabulary (size {vocab})")
+    sizes = {n: p.numel() for n, p in params.items()}
+    embed_dim = params[embed].shape[1] if embed else None
+    p_keep = keep_probability(sizes, spec, heads, embed, embed_dim)
+    gen = torch.Generator().manual_seed(spec.seed)
+    out = {}
+    for name, param in params.items():
+        if name in heads:
+            out[name] = None
+            continue
+        frozen = any(k in name for k in spec.frozen_modules)
+        if frozen:
+            mask = torch.zeros(param.shape, dtype=torch.bool)
+        else:
+            mask = torch.bernoulli(torch.full(param.shape, p_keep), generator=gen).bool()
+        if name == embed and spec.trainable_tokens:
+            mask[spec.trainable_tokens] = True
+        out[name] = mask.reshape(-1).nonzero().squeeze(1)
+    return out
+
+
+# ------------------------------------------------------------------ training form
+def _delta_class():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class SparseDelta(nn.Module):
+        """Parametrization: W0 with (W0[idx].float() + Δ).to(dtype) at idx (all of W for a head)."""
+
+        def __init__(self, flat, numel: int, dropout: float):
+            super().__init__()
+            k = numel if flat is None else flat.numel()
+            self.delta = nn.Parameter(torch.zeros(k, dtype=torch.float32))
+            self.register_buffer("flat", flat, persistent=True)
+            self.p = dropout
+
+        def forward(self, w):
+            d = F.dropout(self.delta, self.p, self.training) if self.p else self.delta
+            if self.flat is None:
+                return (w.float() + d.view(w.shape)).to(w.dtype)
+            fw = w.reshape(-1)
+            vals = (fw[self.flat].float() + d).to(w.dtype)
+            return fw.index_put((self.flat,), vals).view(w.shape)
+
+    return SparseDelta
+
+
+def _module_and_attr(model, name: str):
+    mod_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), attr
+
+
+def _occurrences(model) -> dict:
+    """name (first) -> every (module, attribute) holding that tensor: tied weights share a delta."""
+    first, by_id = {}, {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        key = by_id.setdefault(id(p), n)
+        first.setdefault(key, []).append(_module_and_attr(model, n))
+    return first
+
+
+def _train_model_class():
+    import torch
+    import torch.nn as nn
+    from torch.nn.utils import parametrize
+
+    class SpartaTrainModel(nn.Module):
+        """A model with SpaRTA deltas attached, in its training form."""
+
+        def __init__(self, model, spec: SpartaSpec, task: str):
+            super().__init__()
+            self.base_model = model
+            self.task = task
+            self.spec = spec
+            params = named_parameters(model)
+            self.shapes = {n: tuple(p.shape) for n, p in params.items()}
+            self.total_params = sum(p.numel() for p in params.values())
+            self.heads = head_names(model, task)
+            draws = draw_indices(model, spec, task)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.head_init = {n: params[n].detach().clone() for n in self.heads}
+            cls = _delta_class()
+            self._deltas = {}
+            occurrences = _occurrences(model)
+            for name, flat in draws.items():
+                if flat is not None and flat.numel() == 0:
+                    continue
+                mod = cls(flat, params[name].numel(), spec.dropout).to(params[name].device)
+                for module, attr in occurrences[name]:
+                    parametrize.register_parametrization(module, attr, mod, unsafe=True)
+                self._deltas[name] = mod
+            self.config = getattr(model, "config", None)
+
+        def forward(self, *args, **kwargs):
+            return self.base_model(*args, **kwargs)
+
+        def generate(self, *args, **kwargs):
+            return self.base_model.generate(*args, **kwargs)
+
+        def parameter_counts(self) -> tuple[int, int]:
+            trainable = sum(m.delta.numel() for m in self._deltas.values())
+            return trainable, self.total_params
+
+        def print_trainable_parameters(self) -> None:
+            t, n = self.parameter_counts()
+            print(f"trainable params: {t:,d} || all params: {n:,d} || trainable%: {100 * t / n:.5f}%")
+
+        def sparse_state(self) -> tuple[dict, dict]:
+            """(indices, deltas) per parameter name in peft-sparta's layout."""
+            indices, deltas = {}, {}
+            for name, shape in self.shapes.items():
+                mod = self._deltas.get(name)
+                if mod is None:
+                    indices[name] = torch.empty((0, len(shape)), dtype=torch.int32)
+                    deltas[name] = torch.empty((0,), dtype=torch.float32)
+                    continue
+                flat = torch.arange(mod.delta.numel()) if mod.flat is None else mod.flat.cpu()
+                indices[name] = unravel(flat, shape)
+                deltas[name] = mod.delta.detach().float().cpu().reshape(-1).clone()
+            return indices, deltas
+
+        def save_pretrained(self, directory, safe_serialization: bool = True, **_):
+            indices, deltas = self.sparse_state()
+            write_adapter(Path(directory), self.base_model, self.task, indices, deltas,
+                          {n: t.cpu() for n, t in self.head_init.items()}, self.spec)
+
+        @torch.no_grad()
+        def merge_and_unload(self):
+            """The base with the deltas written into its weights (parametrizations removed)."""
+            for module in list(self.base_model.modules()):
+                if parametrize.is_parametrized(module):
+                    for attr in list(module.parametrizations.keys()):
+                        parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+            self._deltas = {}
+            return self.base_model
+
+    return SpartaTrainModel
+
+
+def unravel(flat, shape):
+    import torch
+
+    if len(shape) == 0:
+        return torch.zeros((flat.numel(), 0), dtype=torch.int32)
+    return torch.stack(torch.unravel_index(flat, shape), 1).to(torch.int32)
+
+
+def attach(model, spec: SpartaSpec, task: str, tokenizer=None, prompt_format=None):
+    return _train_model_class()(model, spec, task)
+
+
+# ------------------------------------------------------------------ files
+def write_adapter(folder: Path, base, task: str, indices: dict, deltas: dict, head_init: dict,
+                  spec: SpartaSpec | None) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name in indices:
+        tensors[f"indices.{name}"] = indices[name].contiguous()
+        tensors[f"deltas.{name}"] = deltas[name].contiguous()
+    save_file(tensors, str(folder / DELTAS_FILE), metadata={"format": "pt"})
+    config = base.config
+    cfg = config.to_dict()
+    cfg["sparta_pretrained_model"] = getattr(config, "sparta_pretrained_model", None) or config._name_or_path
+    if task == "seq-cls":  # what peft-sparta's classifier loader reads
+        cfg["problem_type"] = cfg.get("problem_type") or "single_label_classification"
+        cfg["id2label"] = {str(k): v for k, v in config.id2label.items()}
+        cfg["label2id"] = {v: int(k) for k, v in config.id2label.items()}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    if head_init:
+        heads = {n: t.contiguous().clone() for n, t in head_init.items()}
+        weights = [n for n, t in head_init.items() if t.dim() == 2]
+        if len(weights) == 1:
+            heads["head"] = head_init[weights[0]].contiguous().clone()  # the key peft-sparta reads
+        save_file(heads, str(folder / HEAD_INIT_FILE), metadata={"format": "pt"})
+    kept = sum(int(d.numel()) for d in deltas.values())
+    meta = {"task": task, "head": sorted(head_init), "trainable_params": kept}
+    if spec is not None:
+        meta.update(spec.model_dump(mode="json"))
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _load_tensors(folder: Path, stem: str) -> dict | None:
+    """`<stem>.safetensors`, or peft-sparta's `<stem>.pt` through torch's weights-only loader."""
+    import torch
+    from safetensors.torch import load_file
+
+    st, pt = folder / f"{stem}.safetensors", folder / f"{stem}.pt"
+    if st.is_file():
+        return load_file(str(st))
+    if pt.is_file():
+        obj = torch.load(str(pt), map_location="cpu", weights_only=True)
+        return obj if isinstance(obj, dict) else {stem.removesuffix("_init"): obj}
+    return None
+
+
+def read_adapter(folder: Path, base, task: str) -> dict:
+    """A saved SpaRTA adapter as merge entries for `base`, checked against its shapes."""
+    import torch
+
+    folder = Path(folder)
+    raw = _load_tensors(folder, "sparse_deltas")
+    if raw is None:
+        raise AdapterIntegrityError(f"{folder}: no {DELTAS_FILE}; not a SpaRTA adapter folder")
+    if "indices" in raw and isinstance(raw["indices"], dict):  # the .pt layout: nested dicts
+        idx_by, delta_by = raw["indices"], raw["deltas"]
+    else:
+        idx_by, delta_by = {}, {}
+        for k, v in raw.items():
+            if k.startswith("indices."):
+                idx_by[k[8:]] = v
+            elif k.startswith("deltas."):
+                delta_by[k[7:]] = v
+            else:
+                raise AdapterIntegrityError(f"{folder}/{DELTAS_FILE}: unexpected tensor {k!r}")
+    _add_new_embeddings(folder, base)
+    params = named_parameters(base)
+    unknown = sorted(set(idx_by) - set(params))
+    if unknown:
+        raise AdapterIntegrityError(
+            f"{folder}: the adapter names parameters this base does not have ({', '.join(unknown[:3])}...); "
+            "it was trained on another architecture or task"
+        )
+    heads = head_names(base, task)
+    head_init = _load_tensors(folder, "head_init") or {}
+    entries = []
+    for name, param in params.items():
+        idx = idx_by.get(name)
+        if idx is None or idx.numel() == 0:
+            continue
+        delta = delta_by.get(name)
+        if delta is None or idx.dim() != 2 or idx.shape[1] != param.dim() or delta.numel() != idx.shape[0]:
+            raise AdapterIntegrityError(f"{folder}: indices/deltas for {name!r} do not fit its shape "
+                                        f"{tuple(param.shape)}")
+        idx = idx.long()
+        if (idx < 0).any() or (idx >= torch.tensor(param.shape)).any():
+            raise AdapterIntegrityError(f"{folder}: indices for {name!r} fall outside {tuple(param.shape)}")
+        flat = torch.zeros(idx.shape[0], dtype=torch.long)
+        for d, size in enumerate(param.shape):
+            flat = flat * size + idx[:, d]
+        init = None
+        if name in heads:
+            init = head_init.get(name)
+            if init is None and "head" in head_init and param.dim() == 2:
+                init = head_init["head"]
+            if init is None:
+                raise AdapterIntegrityError(
+                    f"{folder}: no initial value for the head parameter {name!r} ({HEAD_INIT_FILE})"
+                )
+            if tuple(init.shape) != tuple(param.shape):
+                raise AdapterIntegrityError(f"{folder}: head init for {name!r} has shape {tuple(init.shape)}, "
+                                            f"the base's head {tuple(param.shape)}")
+            init = init.reshape(-1)[flat].float()
+        entries.append((name, flat.to(param.device), delta.float().to(param.device), init))
+    return {"entries": entries}
+
+
+def _add_new_embeddings(folder: Path, base) -> None:
+    """peft-sparta's new token rows: append them to the input embeddings (once)."""
+    new = _load_tensors(folder, "new_embeddings_init")
+    if not new:
+        return
+    rows = next(iter(new.values()))
+    emb = base.get_input_embeddings()
+    want = getattr(base.config, "sparta_vocab_size", None)
+    if want is not None and emb.weight.shape[0] == want:
+        return
+    old = emb.weight.shape[0]
+    base.resize_token_embeddings(old + rows.shape[0])
+    import torch
+
+    with torch.no_grad():
+        base.get_input_embeddings().weight[old:] = rows.to(emb.weight.dtype)
+    base.config.sparta_vocab_size = old + rows.shape[0]
+
+
+# ------------------------------------------------------------------ inference form
+def _model_class():
+    import torch
+    import torch.nn as nn
+
+    class SpartaModel(nn.Module):
+        """A base holding any number of SpaRTA adapters; the active one is merged in place."""
+
+        def __init__(self, base, task: str):
+            super().__init__()
+            self.base_model = base
+            self.task = task
+            self.adapters: dict[str, dict] = {}
+            self.folders: dict[str, Path] = {}
+            self.active: str | None = None
+            self._originals: dict[str, object] = {}
+            self.config = getattr(base, "config", None)
+
+        def load_adapter(self, folder, adapter_name: str = "default", **_):
+            if adapter_name in self.adapters:
+                raise AdapterIntegrityError(f"adapter {adapter_name!r} is already loaded")
+            self.adapters[adapter_name] = read_adapter(Path(folder), self.base_model, self.task)
+            self.folders[adapter_name] = Path(folder)
+            if self.active is None:
+                self.set_adapter(adapter_name)
+
+        @torch.no_grad()
+        def unmerge(self) -> None:
+            params = named_parameters(self.base_model)
+            for name, (flat, values) in self._originals.items():
+                params[name].data.view(-1)[flat] = values
+            self._originals = {}
+            self.active = None
+
+        @torch.no_grad()
+        def set_adapter(self, name: str) -> None:
+            if name == self.active:
+                return
+            if name not in self.adapters:
+                raise KeyError(name)
+            self.unmerge()
+            params = named_parameters(self.base_model)
+            for pname, flat, delta, init in self.adapters[name]["entries"]:
+                view = params[pname].data.view(-1)
+                self._originals[pname] = (flat, view[flat].clone())
+                src = view[flat].float() if init is None else init
+                view[flat] = (src + delta).to(view.dtype)
+            self.active = name
+
+        @property
+        def active_adapter(self):
+            return self.active
+
+        def forward(self, *args, **kwargs):
+            return self.base_model(*args, **kwargs)
+
+        def generate(self, *args, **kwargs):
+            return self.base_model.generate(*args, **kwargs)
+
+        def merge_and_unload(self):
+            """The base with the active adapter merged; this wrapper lets go of it."""
+            base = self.base_model
+            self._originals, self.adapters, self.active = {}, {}, None
+            return base
+
+        def save_pretrained(self, directory, safe_serialization: bool = True, **_):
+            """The active adapter's files again (read back from what was loaded)."""
+            import shutil
+
+            src = self.folders[self.active]
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                if f.is_file() and f.name != "adapterflow.json":
+                    shutil.copy2(f, Path(directory) / f.name)
+
+    return SpartaModel
+
+
+def load(base, folder: str, adapter_name: str = "default"):
+    """A saved SpaRTA adapter (ours or peft-sparta's) merged into `base`."""
+    task = "seq-cls" if head_names_or_none(base) else "causal-lm"
+    model = _model_class()(base, task)
+    model.load_adapter(folder, adapter_name)
+    return model
+
+
+def head_names_or_none(base) -> list[str]:
+    try:
+        return head_names(base, "seq-cls") if _is_seq_cls(base) else []
+    except SpecError:
+        return []
+
+
+def _is_seq_cls(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
