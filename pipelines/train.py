@@ -60,6 +60,35 @@ def check_inputs(spec: PipelineSpec) -> None:
             from workers.errors import DataError
 
             raise DataError(f"data.path {spec.data.path!r}: split {spec.data.train_split!r} is missing or empty")
+    _precheck_adapter(spec)
+
+
+def _precheck_adapter(spec: PipelineSpec) -> None:
+    """Adapter parameters that depend on the model's shapes (SpaRTA's sparsity bounds, the INT4
+    group size) checked on a weightless (meta-device) copy of the model, before Ray starts."""
+    from workers.methods import method_module
+
+    module = method_module(spec.adapter.method)
+    if not hasattr(module, "precheck"):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from workers.models import quiet_transformers, resolve_model_path
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(spec.model.name), revision=spec.model.revision,
+                                            trust_remote_code=spec.model.trust_remote_code)
+        if spec.model.task == "seq-cls":
+            config.num_labels = len(spec.model.labels())
+        cls = AutoModelForSequenceClassification if spec.model.task == "seq-cls" else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = cls.from_config(config, trust_remote_code=spec.model.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - e.g. a hub id not cached offline: the workers check it
+        log.debug("adapter pre-check skipped: %s", exc)
+        return
+    module.precheck(model, spec.adapter, spec.model.task)
 
 
 def preflight(spec: PipelineSpec, wait_s: float = 20.0) -> None:

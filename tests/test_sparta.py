@@ -319,3 +319,26 @@ def test_one_replica_switches_between_sparta_adapters(tmp_path):
     lora_manifest = {**man_a, "method": "lora"}
     with pytest.raises(AdapterIntegrityError, match="cannot share a replica"):
         engine.add_adapter("lora", a, lora_manifest)
+
+
+def test_shape_dependent_adapter_errors_come_before_any_work(tiny_llama, toy_data, tmp_path):
+    """check_inputs (the driver, before Ray starts) builds a weightless copy of the model and
+    checks SpaRTA's sparsity bounds and the INT4 group size against its shapes."""
+    from pipelines.train import check_inputs
+    from test_train_local import spec_for
+
+    spec = spec_for(tiny_llama, toy_data, tmp_path)
+    cls = __import__("workers.methods", fromlist=["REGISTRY"]).REGISTRY
+    ok = spec.model_copy(update={"adapter": cls["sparta"][0].model_validate({"method": "sparta", "sparsity": 0.9})})
+    check_inputs(ok)
+    low = spec.model_copy(update={"adapter": cls["sparta"][0].model_validate({"method": "sparta", "sparsity": 0.5})})
+    with pytest.raises(SpecError, match="sparsity 0.5 is too low"):
+        check_inputs(low)
+    tokens = spec.model_copy(update={"adapter": cls["sparta"][0].model_validate(
+        {"method": "sparta", "sparsity": 0.9, "trainable_tokens": [10_000]})})
+    with pytest.raises(SpecError, match="outside the vocabulary"):
+        check_inputs(tokens)
+    qa = spec.model_copy(update={"adapter": cls["qa-sparsepeft"][0].model_validate(
+        {"method": "qa-sparsepeft", "group_size": 24})})
+    with pytest.raises(SpecError, match="adapter.group_size: .*not a multiple of group_size 24"):
+        check_inputs(qa)

@@ -112,6 +112,18 @@ def _block_linears(model) -> dict:
             for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
+def precheck(model, spec: QASparsePeftSpec, task: str) -> None:
+    """Every block Linear's input size must be a multiple of the group size (shapes only)."""
+    from workers.errors import SpecError
+    from workers.int4 import check_group
+
+    for name, lin in _block_linears(model).items():
+        try:
+            check_group(lin.in_features, spec.group_size, name)
+        except ValueError as exc:
+            raise SpecError(f"adapter.group_size: {exc}") from None
+
+
 def prepare_base(model, group_size: int) -> None:
     """Fixed INT4 scales and zero points on every block Linear, from its (unquantized) base weight."""
     from workers.int4 import check_group, qparams

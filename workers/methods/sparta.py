@@ -124,6 +124,20 @@ def keep_probability(sizes: dict[str, int], spec: SpartaSpec, heads: list[str], 
     return keep / pool
 
 
+def precheck(model, spec: SpartaSpec, task: str) -> None:
+    """The sparsity bounds and token ids, from shapes alone (works on a meta-device model)."""
+    params = named_parameters(model)
+    heads = head_names(model, task)
+    embed = _embedding_name(model)
+    if spec.trainable_tokens and embed is not None:
+        vocab = params[embed].shape[0]
+        bad = [t for t in spec.trainable_tokens if t >= vocab]
+        if bad:
+            raise SpecError(f"adapter.trainable_tokens {bad} are outside the vocabulary (size {vocab})")
+    keep_probability({n: p.numel() for n, p in params.items()}, spec, heads, embed,
+                     params[embed].shape[1] if embed else None)
+
+
 def draw_indices(model, spec: SpartaSpec, task: str) -> dict:
     """name -> flat int64 indices of the trainable weights (None = the whole tensor: the head)."""
     import torch
