@@ -145,9 +145,8 @@ def extract_subadapter(
 ) -> None:
     """Cut a LoRA sub-adapter out of an NLS super-adapter (stock PEFT loads it)."""
     _quiet()
-    from workers.artifact import write_manifest
     from workers.errors import AdapterflowError
-    from workers.methods.nls import extract_subadapter as extract
+    from workers.methods.nls import extract_artifact as extract
     from workers.store import resolve
 
     try:
@@ -160,17 +159,10 @@ def extract_subadapter(
         err_console.print(f"[red]error:[/] {adapter} is a {manifest['method']} adapter, not an NLS super-adapter")
         raise typer.Exit(2)
     try:
-        summary = extract(folder, output, choice)
+        summary = extract(folder, manifest, output, choice, source=adapter)
     except AdapterflowError as exc:
         err_console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    sub = {**manifest.get("adapter", {}), "method": "lora", "r": summary["r_max"]}
-    for k in ("search_space", "group_by", "seed"):
-        sub.pop(k, None)
-    write_manifest(output, method="lora", model=manifest["model"], base_sha256=manifest["base_model"]["sha256"],
-                   extra={"adapter": sub, "input_template": manifest.get("input_template"),
-                          "max_length": manifest.get("max_length"),
-                          "nls": {"super_adapter": adapter, "version": version, "ranks": summary["ranks"]}})
     console.print(f"{version} sub-adapter: ranks {summary['ranks']} over {summary['groups']} groups, "
                   f"{summary['lora_params']:,} LoRA parameters -> {output}")
 

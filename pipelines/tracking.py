@@ -81,6 +81,9 @@ def log_results(run_id: str, history: list[dict], report: dict, train_metrics: d
 
     with mlflow.start_run(run_id=run_id):
         scalars = {k: float(v) for k, v in report.items() if isinstance(v, (int, float))}
+        mc = report.get("monte_carlo") or {}
+        scalars.update({f"mc_{k}": float(v) for k, v in mc.items()
+                        if isinstance(v, (int, float)) and k not in ("samples", "seed")})
         mlflow.log_metrics(scalars)
         for k in ("trainable_params", "total_params", "train_seconds"):
             if k in train_metrics:

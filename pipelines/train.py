@@ -228,6 +228,11 @@ def evaluate_artifact(spec: PipelineSpec, adapter_dir: Path, threads: int | None
     num_labels = len(spec.model.labels()) if spec.model.task == "seq-cls" else None
     report = evaluate_model(model, tok, examples, spec.model.task, num_labels)
     report["split"] = spec.data.eval_split if spec.data.eval_split else "held-out"
+    samples = getattr(spec.adapter, "samples", 0)
+    if samples:  # PVeRA Monte-Carlo evaluation: mean and 95 % interval of every output
+        from workers.montecarlo import mc_report
+
+        report["monte_carlo"] = mc_report(model, tok, examples, spec.model.task, samples, spec.train.seed)
     if spec.model.task == "seq-cls":
         report["id2label"] = {str(k): v for k, v in spec.model.labels().items()}
     return report

@@ -44,6 +44,8 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     adapter: str
     inputs: list[str | dict[str, Any]] = Field(..., min_length=1, max_length=1024)
+    samples: int | None = Field(None, ge=0, le=1024, description="PVeRA Monte-Carlo forwards (0 = off).")
+    seed: int = 0
 
 
 class CompletionRequest(BaseModel):
@@ -57,6 +59,7 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     seed: int | None = None
     stop: str | list[str] | None = None
+    samples: int | None = Field(None, ge=0, le=1024)  # PVeRA Monte-Carlo log-probabilities (extension)
 
     @field_validator("stream")
     @classmethod
@@ -126,7 +129,7 @@ class AdapterServer:
         if (denied := self._auth(request) or self._adapter_error(body.adapter)) is not None:
             return denied
         try:
-            results = self.engine.classify(body.adapter, body.inputs)
+            results = self.engine.classify(body.adapter, body.inputs, samples=body.samples, seed=body.seed)
         except WrongTaskError as exc:
             return error(400, "wrong_task", str(exc))
         return {"adapter": body.adapter, "results": results}
@@ -144,9 +147,11 @@ class AdapterServer:
             for i, p in enumerate(prompts):
                 r = self.engine.complete(body.model, p, max_tokens=body.max_tokens,
                                          temperature=body.temperature, top_p=body.top_p,
-                                         seed=body.seed, stop=stop)
-                choices.append({"index": i, "text": r["text"], "logprobs": None,
-                                "finish_reason": r["finish_reason"]})
+                                         seed=body.seed, stop=stop, samples=body.samples)
+                choice = {"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+                if "monte_carlo" in r:
+                    choice["monte_carlo"] = r["monte_carlo"]
+                choices.append(choice)
                 n_prompt += r["prompt_tokens"]
                 n_out += r["completion_tokens"]
         except WrongTaskError as exc:

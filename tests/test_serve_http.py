@@ -82,6 +82,8 @@ def test_classify_matches_a_merged_reference(server, adapters):
     ({"adapter": "toy", "inputs": []}, 422, "invalid_request"),
     ({"adapter": "toy", "inputs": [1]}, 422, "invalid_request"),
     ({"adapter": "toy", "inputs": ["x"], "extra": 1}, 422, "invalid_request"),
+    ({"adapter": "toy", "inputs": ["x"], "samples": -1}, 422, "invalid_request"),
+    ({"adapter": "toy", "inputs": ["x"], "samples": 8}, 400, "wrong_task"),  # Monte-Carlo: PVeRA only
 ])
 def test_classify_errors_have_a_stable_shape(server, body, status, kind):
     r = httpx.post(f"{server}/cls/v1/classify", json=body, timeout=60)

@@ -82,13 +82,25 @@ class Engine:
         return manifest
 
     # ------------------------------------------------------------------ classification
-    def classify(self, name: str, inputs: list) -> list[dict]:
+    def _samples(self, name: str, manifest: dict, samples: int | None) -> int:
+        n = manifest.get("adapter", {}).get("samples", 0) if samples is None else samples
+        if n and manifest["method"] != "pvera":
+            raise WrongTaskError(f"adapter {name!r} is a {manifest['method']} adapter; Monte-Carlo samples "
+                                 "need a PVeRA adapter (send samples: 0 or leave it out)")
+        if n == 1:
+            raise WrongTaskError("samples: a confidence interval needs at least 2 samples (0 = mean only)")
+        return n
+
+    def classify(self, name: str, inputs: list, samples: int | None = None, seed: int = 0) -> list[dict]:
+        """Probabilities per label and the decided label; with `samples` (PVeRA) also the
+        Monte-Carlo mean and 95 % interval of every probability."""
         import torch
 
         from workers.data import render
 
         with self._lock:
             manifest = self._select(name, "seq-cls")
+            n_mc = self._samples(name, manifest, samples)
             template = manifest.get("input_template")
             texts = []
             for x in inputs:
@@ -103,20 +115,33 @@ class Engine:
                                  max_length=manifest.get("max_length", 512), return_tensors="pt")
             with torch.no_grad():
                 probs = torch.softmax(self.model(**enc).logits.float(), -1)
+            mc = None
+            if n_mc:
+                from workers.montecarlo import mc_outputs
+
+                mc = mc_outputs(self.model, dict(enc), n_mc, seed, "seq-cls", adapter_name=name)
         out = []
-        for row in probs.tolist():
+        for j, row in enumerate(probs.tolist()):
             best = max(range(len(row)), key=row.__getitem__)
-            out.append({"probabilities": {id2label[i]: p for i, p in enumerate(row)},
-                        "label": id2label[best], "label_id": best})
+            item = {"probabilities": {id2label[i]: p for i, p in enumerate(row)},
+                    "label": id2label[best], "label_id": best}
+            if mc is not None:
+                item["monte_carlo"] = {"samples": n_mc, **{
+                    k: {id2label[i]: v for i, v in enumerate(mc[k][j].tolist())} for k in ("mean", "low", "high")}}
+            out.append(item)
         return out
 
     # ------------------------------------------------------------------ completion
     def complete(self, name: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> dict:
+                 top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                 samples: int | None = None) -> dict:
+        """A completion; with `samples` (PVeRA) also the Monte-Carlo mean and 95 % interval of
+        each generated token's log-probability."""
         import torch
 
         with self._lock:
             manifest = self._select(name, "causal-lm")
+            n_mc = self._samples(name, manifest, samples)
             fmt = manifest["model"].get("prompt_format", "{prompt}")
             enc = self.tokenizer(fmt.format(prompt=prompt), return_tensors="pt")
             n_prompt = enc["input_ids"].shape[1]
@@ -129,15 +154,26 @@ class Engine:
                 kwargs.update(do_sample=False)
             with torch.no_grad():
                 ids = self.model.generate(**enc, **kwargs)[0, n_prompt:].tolist()
-        finish = "length"
-        eos = self.tokenizer.eos_token_id
-        if eos is not None and eos in ids:
-            ids = ids[: ids.index(eos)]
-            finish = "stop"
+            finish = "length"
+            eos = self.tokenizer.eos_token_id
+            if eos is not None and eos in ids:
+                ids = ids[: ids.index(eos)]
+                finish = "stop"
+            mc = None
+            if n_mc and ids:
+                from workers.montecarlo import mc_outputs, token_logprobs
+
+                full = torch.cat([enc["input_ids"], torch.tensor([ids])], 1)
+                draws = mc_outputs(self.model, {"input_ids": full}, n_mc, seed or 0, "causal-lm",
+                                   adapter_name=name, reduce=token_logprobs(full))
+                mc = {"samples": n_mc, "tokens": [self.tokenizer.decode([t]) for t in ids],
+                      **{k: draws[k][0, n_prompt - 1:].tolist() for k in ("mean", "low", "high")}}
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         for s in stop or []:
             cut = text.find(s)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
-        return {"text": text, "finish_reason": finish, "prompt_tokens": n_prompt,
-                "completion_tokens": len(ids)}
+        out = {"text": text, "finish_reason": finish, "prompt_tokens": n_prompt, "completion_tokens": len(ids)}
+        if mc is not None:
+            out["monte_carlo"] = mc
+        return out

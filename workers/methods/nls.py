@@ -247,3 +247,21 @@ def extract_subadapter(folder: Path, output: Path, version: str | list[int]) -> 
     params = sum(t.numel() for k, t in out.items() if "lora_" in k)
     del torch
     return {"ranks": ranks, "groups": len(groups), "lora_params": params, "r_max": r_max}
+
+
+def extract_artifact(folder: Path, manifest: dict, output: Path, version: str | list[int],
+                     source: str | None = None) -> dict:
+    """`extract_subadapter` plus the sub-adapter's own manifest (method lora, the same base), so
+    it can be served, registered or merged like any adapter."""
+    from workers.artifact import write_manifest
+
+    summary = extract_subadapter(folder, output, version)
+    sub = {**manifest.get("adapter", {}), "method": "lora", "r": summary["r_max"]}
+    for k in ("search_space", "group_by", "seed"):
+        sub.pop(k, None)
+    write_manifest(Path(output), method="lora", model=manifest["model"], base_sha256=manifest["base_model"]["sha256"],
+                   extra={"adapter": sub, "input_template": manifest.get("input_template"),
+                          "max_length": manifest.get("max_length"),
+                          "nls": {"super_adapter": source or str(folder), "version": version,
+                                  "ranks": summary["ranks"]}})
+    return summary

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from workers.methods.base import StrictModel
 from workers.methods.lora import TASK_TYPES
@@ -33,10 +33,21 @@ class PveraSpec(StrictModel):
         False, description="Draw z = μ + ε·σ at inference too (Monte-Carlo outputs); not mergeable then."
     )
     generator_seed: int | None = Field(None, description="Seed of ε when sampling at inference.")
+    samples: int = Field(
+        0, ge=0, description="Monte-Carlo forwards for evaluation and serving (mean and 95 % interval per "
+        "output); 0 = mean only, else at least 2.",
+    )
 
     mergeable: ClassVar[bool] = True
 
     replica_group: ClassVar[str] = "peft"  # methods of one group share a replica
+
+    @field_validator("samples")
+    @classmethod
+    def _two(cls, v):
+        if v == 1:
+            raise ValueError("a confidence interval needs at least 2 samples (0 = mean only)")
+        return v
 
     def peft_config(self, task: str):
         from peft import PveraConfig
