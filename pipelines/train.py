@@ -220,10 +220,11 @@ def evaluate_artifact(spec: PipelineSpec, adapter_dir: Path, threads: int | None
             f"data: no evaluation split {spec.data.eval_split!r} in {spec.data.path!r}; set "
             "data.eval_split or data.eval_fraction"
         )
-    tok = load_tokenizer(spec.model)
     from workers.methods import load
+    from workers.models import adapter_tokenizer
 
-    model = load(load_model(spec.model, tok), adapter_dir, spec.adapter.method)
+    tok = adapter_tokenizer(spec.model, adapter_dir)
+    model = load(load_model(spec.model, load_tokenizer(spec.model)), adapter_dir, spec.adapter.method)
     examples = encode(evals, spec.data, spec.model, tok)
     num_labels = len(spec.model.labels()) if spec.model.task == "seq-cls" else None
     report = evaluate_model(model, tok, examples, spec.model.task, num_labels)

@@ -76,3 +76,53 @@ def test_warns_when_the_invocation_tokenizes_differently_in_context(caplog):
     with caplog.at_level("WARNING"):
         invocation_tokens(tok, ALoraSpec(invocation_string=INVOCATION), "Question: hi." + INVOCATION)
     assert "does not tokenize" not in caplog.text
+
+
+def test_new_special_token_invocation(toy_instruct, tmp_path, ray_session):
+    """An invocation made of a NEW special token: the embeddings grow, only the new row trains
+    (PEFT's trainable tokens), the grown tokenizer and the row are saved with the adapter, and the
+    adapter loads, evaluates and serves on the unmodified base."""
+    from pipelines.train import evaluate_artifact
+    from workers.artifact import verify
+    from workers.inference import Engine
+
+    model_path = need_shared("models", "stories260K")
+    spec = alora_spec(model_path, toy_instruct, tmp_path, invocation_string="<|answer|>",
+                      new_tokens=["<|answer|>"])
+    out = launch_training(spec, run_name="alora-new-token")
+    lora = 5 * 8 * ((64 + 64) + (64 + 32))  # r (in + out) for q_proj and v_proj on 5 layers
+    assert out.metrics["trainable_params"] == lora + 64  # + one embedding row of width 64
+    folder = build_artifact(spec, out.checkpoint, tmp_path / "adapter")
+    manifest = verify(folder)
+    assert "tokenizer_config.json" in manifest["files"]
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    new_id = tok.convert_tokens_to_ids("<|answer|>")
+    assert len(tok) == 513 and new_id == 512
+    base_tok = load_tokenizer(spec.model)
+    base = load_model(spec.model, base_tok).eval()
+    adapted = load(load_model(spec.model, base_tok), folder, "alora").eval()
+    emb = adapted.get_base_model().get_input_embeddings()
+    merged_rows = emb.get_merged_weights(["default"]) if hasattr(emb, "get_merged_weights") else emb.weight
+    old = base.get_input_embeddings().weight
+    assert torch.equal(merged_rows[:512], old)  # the old vocabulary is untouched
+    mean_init = old.mean(0)
+    assert (merged_rows[512] - mean_init).abs().max() > 1e-3  # the new row trained
+
+    prompt = spec.model.prompt_format.format(prompt="say the word good")
+    ids = tok(prompt + " good good", return_tensors="pt")["input_ids"]
+    seq = ids[0].tolist()
+    assert seq.count(new_id) == 1  # one token, not pieces
+    start = seq.index(new_id)
+    with torch.no_grad():
+        lb = base(input_ids=ids[:, :start]).logits[0]
+        la = adapted(input_ids=ids).logits[0]
+    assert torch.allclose(la[:start, :512], lb, atol=1e-5)  # the prefix is the base model's
+    report = evaluate_artifact(spec, folder)
+    assert report["eval_loss"] < 6
+    engine = Engine(manifest["model"])
+    engine.add_adapter("ans", folder, manifest)
+    got = engine.complete("ans", "say the word good", max_tokens=4)
+    assert got["prompt_tokens"] == len(tok(prompt)["input_ids"])  # the engine used the grown tokenizer

@@ -39,6 +39,7 @@ class Engine:
         self.base_sha256 = base_fingerprint(self.spec)
         self.model = None  # the PeftModel once an adapter is loaded
         self.adapters: dict[str, dict] = {}
+        self.tokenizers: dict[str, object] = {}  # adapters that added tokens bring their tokenizer
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ adapters
@@ -66,6 +67,10 @@ class Engine:
                 add(self.model, folder, manifest["method"], name)
             self.model.eval()
             self.adapters[name] = manifest
+            if (folder / "tokenizer_config.json").is_file():
+                from workers.models import adapter_tokenizer
+
+                self.tokenizers[name] = adapter_tokenizer(self.spec, folder)
         log.info("loaded adapter %s (%s) from %s", name, manifest["method"], folder)
 
     def _select(self, name: str, task: str):
@@ -111,7 +116,7 @@ class Engine:
                 else:
                     texts.append(x)
             id2label = {int(k): v for k, v in manifest["model"]["id2label"].items()}
-            enc = self.tokenizer(texts, padding=True, truncation=True,
+            enc = self.tokenizers.get(name, self.tokenizer)(texts, padding=True, truncation=True,
                                  max_length=manifest.get("max_length", 512), return_tensors="pt")
             with torch.no_grad():
                 probs = torch.softmax(self.model(**enc).logits.float(), -1)
@@ -142,10 +147,11 @@ class Engine:
         with self._lock:
             manifest = self._select(name, "causal-lm")
             n_mc = self._samples(name, manifest, samples)
+            tok = self.tokenizers.get(name, self.tokenizer)
             fmt = manifest["model"].get("prompt_format", "{prompt}")
-            enc = self.tokenizer(fmt.format(prompt=prompt), return_tensors="pt")
+            enc = tok(fmt.format(prompt=prompt), return_tensors="pt")
             n_prompt = enc["input_ids"].shape[1]
-            kwargs = dict(max_new_tokens=max_tokens, pad_token_id=self.tokenizer.pad_token_id)
+            kwargs = dict(max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id)
             if temperature > 0:
                 if seed is not None:
                     torch.manual_seed(seed)
@@ -155,7 +161,7 @@ class Engine:
             with torch.no_grad():
                 ids = self.model.generate(**enc, **kwargs)[0, n_prompt:].tolist()
             finish = "length"
-            eos = self.tokenizer.eos_token_id
+            eos = tok.eos_token_id
             if eos is not None and eos in ids:
                 ids = ids[: ids.index(eos)]
                 finish = "stop"
@@ -166,9 +172,9 @@ class Engine:
                 full = torch.cat([enc["input_ids"], torch.tensor([ids])], 1)
                 draws = mc_outputs(self.model, {"input_ids": full}, n_mc, seed or 0, "causal-lm",
                                    adapter_name=name, reduce=token_logprobs(full))
-                mc = {"samples": n_mc, "tokens": [self.tokenizer.decode([t]) for t in ids],
+                mc = {"samples": n_mc, "tokens": [tok.decode([t]) for t in ids],
                       **{k: draws[k][0, n_prompt - 1:].tolist() for k in ("mean", "low", "high")}}
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = tok.decode(ids, skip_special_tokens=True)
         for s in stop or []:
             cut = text.find(s)
             if cut >= 0:

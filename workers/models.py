@@ -111,6 +111,19 @@ def load_tokenizer(spec: ModelSpec):
     return tok
 
 
+def adapter_tokenizer(spec: ModelSpec, folder) -> object:
+    """The tokenizer saved with an adapter (one that added tokens), else the base model's."""
+    if folder is not None and (Path(folder) / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        if tok.pad_token is None:
+            base = load_tokenizer(spec)
+            tok.pad_token = base.pad_token
+        return tok
+    return load_tokenizer(spec)
+
+
 def load_model(spec: ModelSpec, tokenizer=None):
     """Load the base model for the spec's task, weights from safetensors only."""
     import torch

@@ -163,13 +163,17 @@ def _gathered(engine, stage: int):
 
 
 def save_adapter_weights(peft_model, directory: Path, adapter_spec=None) -> None:
-    peft_model.save_pretrained(str(directory), safe_serialization=True)
+    kwargs = {}
+    if getattr(peft_model, "adapter_tokenizer", None) is not None:
+        # added tokens: PEFT's trainable tokens hold the new rows; not the whole embedding matrix
+        kwargs["save_embedding_layers"] = False
+    peft_model.save_pretrained(str(directory), safe_serialization=True, **kwargs)
     if adapter_spec is not None:
         from workers.methods import method_module
 
         module = method_module(adapter_spec.method)
         if hasattr(module, "write_extra"):  # what the method needs beside the weights to load them
-            module.write_extra(adapter_spec, directory)
+            module.write_extra(adapter_spec, directory, peft_model)
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -187,7 +187,7 @@ def set_ranks(peft_model, ranks: dict[str, int] | None) -> None:
     peft_model.nls_eval_ranks = dict(ranks) if ranks else None
 
 
-def write_extra(spec: NlsSpec, directory: Path) -> None:
+def write_extra(spec: NlsSpec, directory: Path, model=None) -> None:
     from safetensors import safe_open
 
     with safe_open(str(Path(directory) / "adapter_model.safetensors"), framework="pt") as fh:

@@ -165,7 +165,7 @@ def attach(model, spec: QASparsePeftSpec, task: str, tokenizer=None, prompt_form
     return peft_model
 
 
-def write_extra(spec: QASparsePeftSpec, directory: Path) -> None:
+def write_extra(spec: QASparsePeftSpec, directory: Path, model=None) -> None:
     (Path(directory) / QA_FILE).write_text(json.dumps({"bits": spec.bits, "group_size": spec.group_size}) + "\n")
 
 
