@@ -169,6 +169,11 @@ def test_pvera_samples_in_evaluation_and_serving(trained):
     assert "monte_carlo" not in engine.classify("a", TEXTS)[0]  # the manifest's samples: 0
     with pytest.raises(WrongTaskError, match="at least 2"):
         engine.classify("a", TEXTS, samples=1)
+    # PEFT holds one adapter type per model: a LoRA adapter is refused on this PVeRA replica, clearly
+    from workers.errors import AdapterIntegrityError
+
+    with pytest.raises(AdapterIntegrityError, match="cannot share a replica"):
+        engine.add_adapter("l", trained["folder"], {**manifest, "method": "lora"})
 
 
 def test_pvera_samples_on_a_causal_lm(tmp_path):

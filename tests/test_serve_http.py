@@ -21,11 +21,18 @@ def adapters(tiny_llama, toy_data, toy_instruct, tmp_path_factory, ray_session):
     cls_spec.data.input_template = "{sentence}"
     out = launch_training(cls_spec, run_name="serve-cls")
     cls_dir = build_artifact(cls_spec, out.checkpoint, tmp / "cls-adapter")
+    from workers.methods import REGISTRY
+
+    unc_spec = cls_spec.model_copy(update={"adapter": REGISTRY["pvera"][0].model_validate(
+        {"method": "pvera", "r": 8, "target_modules": ["q_proj", "v_proj"]})})
+    unc_spec.workspace = str(tmp / "unc")
+    out = launch_training(unc_spec, run_name="serve-unc")
+    unc_dir = build_artifact(unc_spec, out.checkpoint, tmp / "unc-adapter")
     lm_spec = spec_for(need_shared("models", "stories260K"), toy_instruct, tmp / "lm", task="causal-lm",
                        epochs=2, lr=1e-2)
     out = launch_training(lm_spec, run_name="serve-lm")
     lm_dir = build_artifact(lm_spec, out.checkpoint, tmp / "lm-adapter")
-    return {"cls": (cls_spec, cls_dir), "lm": (lm_spec, lm_dir)}
+    return {"cls": (cls_spec, cls_dir), "lm": (lm_spec, lm_dir), "unc": (unc_spec, unc_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +43,12 @@ def server(adapters, serve_port, ray_session):
                   num_cpus=0.25)
     deploy({"story": str(adapters["lm"][1])}, port=serve_port, name="lm", route_prefix="/lm",
            num_cpus=0.25, api_key_env=API_KEY_ENV)
+    deploy({"unc": str(adapters["unc"][1])}, port=serve_port, name="unc", route_prefix="/unc", num_cpus=0.25)
     root = base.rsplit("/cls", 1)[0]
     yield root
     shutdown("cls")
     shutdown("lm")
+    shutdown("unc")
 
 
 def reference_model(spec, adapter_dir):
@@ -185,3 +194,27 @@ def test_serve_command_serves_an_adapter_folder(adapters, server, ray_session):
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
         serve.delete("adapterflow")
+
+
+def test_pvera_monte_carlo_over_http(server):
+    """A served PVeRA adapter: `samples` returns the Monte-Carlo mean and 95 % interval per label,
+    seeded; the same request for a LoRA classifier or a LoRA completion is a 400."""
+    body = {"adapter": "unc", "inputs": ["good great lovely movie", "bad awful dull plot"], "samples": 16, "seed": 3}
+    r = httpx.post(f"{server}/unc/v1/classify", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    for item in results:
+        mc = item["monte_carlo"]
+        assert mc["samples"] == 16 and set(mc["mean"]) == {"negative", "positive"}
+        assert sum(mc["mean"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert all(mc["low"][k] <= mc["mean"][k] <= mc["high"][k] for k in mc["mean"])
+        assert all(abs(mc["mean"][k] - item["probabilities"][k]) < 0.2 for k in mc["mean"])
+    assert httpx.post(f"{server}/unc/v1/classify", json=body, timeout=120).json()["results"] == results
+    plain = httpx.post(f"{server}/unc/v1/classify", json={**body, "samples": None}, timeout=120).json()
+    assert "monte_carlo" not in plain["results"][0]
+    lora = httpx.post(f"{server}/cls/v1/classify", json={**body, "adapter": "toy"}, timeout=120)
+    assert lora.status_code == 400 and "PVeRA" in lora.json()["error"]["message"]
+    headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"}
+    lm = httpx.post(f"{server}/lm/v1/completions", json={"model": "story", "prompt": "hi", "samples": 4},
+                    headers=headers, timeout=120)
+    assert lm.status_code == 400 and lm.json()["error"]["type"] == "wrong_task"

@@ -35,7 +35,7 @@ class ALoraSpec(StrictModel):
 
     mergeable: ClassVar[bool] = False
 
-    replica_group: ClassVar[str] = "peft"  # methods of one group share a replica
+    replica_group: ClassVar[str] = "lora"  # one PEFT type per replica: PEFT cannot mix types
 
 
 def invocation_tokens(tokenizer, spec: ALoraSpec, prompt_example: str | None = None) -> list[int]:

@@ -26,7 +26,7 @@ class IA3Spec(StrictModel):
 
     mergeable: ClassVar[bool] = True
 
-    replica_group: ClassVar[str] = "peft"  # methods of one group share a replica
+    replica_group: ClassVar[str] = "ia3"  # one PEFT type per replica: PEFT cannot mix types
 
     @model_validator(mode="after")
     def _check(self):

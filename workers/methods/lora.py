@@ -28,7 +28,7 @@ class LoraSpec(StrictModel):
 
     mergeable: ClassVar[bool] = True
 
-    replica_group: ClassVar[str] = "peft"  # methods of one group share a replica
+    replica_group: ClassVar[str] = "lora"  # one PEFT type per replica: PEFT cannot mix types
 
     def peft_config(self, task: str):
         from peft import LoraConfig

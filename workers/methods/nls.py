@@ -46,7 +46,7 @@ class NlsSpec(LoraSpec):
     )
     seed: int = Field(0, description="Seed of the per-forward rank draws.")
 
-    replica_group: ClassVar[str] = "peft"
+    replica_group: ClassVar[str] = "lora"  # LoRA files at r_max
 
     @field_validator("search_space")
     @classmethod

@@ -40,7 +40,7 @@ class PveraSpec(StrictModel):
 
     mergeable: ClassVar[bool] = True
 
-    replica_group: ClassVar[str] = "peft"  # methods of one group share a replica
+    replica_group: ClassVar[str] = "pvera"  # one PEFT type per replica: PEFT cannot mix types
 
     @field_validator("samples")
     @classmethod
