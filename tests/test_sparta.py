@@ -342,3 +342,53 @@ def test_shape_dependent_adapter_errors_come_before_any_work(tiny_llama, toy_dat
         {"method": "qa-sparsepeft", "group_size": 24})})
     with pytest.raises(SpecError, match="adapter.group_size: .*not a multiple of group_size 24"):
         check_inputs(qa)
+
+
+def test_new_tokens_train_in_full_and_load_in_peft_sparta(tmp_path):
+    """`new_tokens`: the embeddings grow, the new row trains in full from a saved initial value,
+    and peft-sparta's classifier (which reads new_embeddings_init and the adapter's tokenizer)
+    classifies text holding the new token as we do."""
+    ps = _peft_sparta()
+    from transformers import AutoTokenizer
+
+    from workers.sparta import SpaRTAforSequenceClassification
+
+    path, tok, model = _stories("seq-cls")
+    torch.manual_seed(5)
+    wrapped = attach(model, SpartaSpec(sparsity=0.97, new_tokens=["<|review|>"]), "seq-cls", tokenizer=tok)
+    new_id = tok.convert_tokens_to_ids("<|review|>")
+    assert new_id == 512 and wrapped._deltas["model.embed_tokens.weight"].delta.numel() == 64  # one full row
+    texts = [f"<|review|> {t}" for t in TEXTS]
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    enc = tok(texts, return_tensors="pt", padding=True)
+    wrapped.train()
+    for _ in range(8):
+        wrapped(**enc, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    wrapped.eval()
+    assert wrapped._deltas["model.embed_tokens.weight"].delta.abs().sum() > 0  # the new row trained
+    wrapped.save_pretrained(tmp_path)
+    assert len(AutoTokenizer.from_pretrained(tmp_path)) == 513
+    ours = torch.cat([torch.softmax(_logits(wrapped, tok([t], return_tensors="pt")), -1) for t in texts])
+
+    again = SpaRTAforSequenceClassification(str(tmp_path))  # a fresh 512-row base, grown on load
+    assert torch.allclose(torch.cat([again.classify([t]) for t in texts]), ours, atol=1e-6)
+    # peft-sparta 0.0.3 hands safetensors a torch.device for this file, which safetensors rejects;
+    # it reads the same tensor from its torch.save form, so a scratch copy (test only: we never
+    # write pickles) carries that one file as .pt
+    import shutil
+
+    from safetensors.torch import load_file
+
+    copy = tmp_path.parent / f"{tmp_path.name}-pt"
+    shutil.copytree(tmp_path, copy)
+    with pytest.raises(Exception, match="device"):
+        ps.SpaRTAforSequenceClassification(str(copy))
+    rows = load_file(str(copy / "new_embeddings_init.safetensors"))["new_embeddings"]
+    (copy / "new_embeddings_init.safetensors").unlink()
+    torch.save(rows, copy / "new_embeddings_init.pt")
+    theirs = ps.SpaRTAforSequenceClassification(str(copy))
+    probs = torch.cat([theirs.classify([t]) for t in texts])
+    assert (probs - ours).abs().max() < 0.05 and torch.equal(probs.argmax(-1), ours.argmax(-1))

@@ -49,6 +49,10 @@ class SpartaSpec(StrictModel):
     trainable_tokens: list[int] | None = Field(
         None, description="Token ids whose whole embedding rows train (e.g. new special tokens)."
     )
+    new_tokens: list[str] | None = Field(
+        None, description="Special tokens to add: the embeddings grow and the new rows train in full; the "
+        "rows' initial values and the tokenizer are saved with the adapter (peft-sparta's layout).",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the deltas during training.")
     seed: int = Field(0, description="Seed of the random index draw (the indices are saved too).")
 
@@ -282,7 +286,8 @@ def _train_model_class():
         def save_pretrained(self, directory, safe_serialization: bool = True, **_):
             indices, deltas = self.sparse_state()
             write_adapter(Path(directory), self.base_model, self.task, indices, deltas,
-                          {n: t.cpu() for n, t in self.head_init.items()}, self.spec)
+                          {n: t.cpu() for n, t in self.head_init.items()}, self.spec,
+                          new_rows=getattr(self, "new_rows", None), tokenizer=getattr(self, "new_tokenizer", None))
 
         @torch.no_grad()
         def merge_and_unload(self):
@@ -306,12 +311,24 @@ def unravel(flat, shape):
 
 
 def attach(model, spec: SpartaSpec, task: str, tokenizer=None, prompt_format=None):
-    return _train_model_class()(model, spec, task)
+    rows = None
+    if spec.new_tokens:
+        from workers.methods.alora import add_new_tokens
+
+        if tokenizer is None:
+            raise SpecError("adapter.new_tokens needs the tokenizer")
+        ids = add_new_tokens(model, tokenizer, spec.new_tokens)
+        rows = model.get_input_embeddings().weight[-len(ids):].detach().clone()
+        spec = spec.model_copy(update={"trainable_tokens": (spec.trainable_tokens or []) + ids})
+    wrapped = _train_model_class()(model, spec, task)
+    if rows is not None:
+        wrapped.new_rows, wrapped.new_tokenizer = rows, tokenizer
+    return wrapped
 
 
 # ------------------------------------------------------------------ files
 def write_adapter(folder: Path, base, task: str, indices: dict, deltas: dict, head_init: dict,
-                  spec: SpartaSpec | None) -> None:
+                  spec: SpartaSpec | None, new_rows=None, tokenizer=None) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -334,6 +351,10 @@ def write_adapter(folder: Path, base, task: str, indices: dict, deltas: dict, he
         if len(weights) == 1:
             heads["head"] = head_init[weights[0]].contiguous().clone()  # the key peft-sparta reads
         save_file(heads, str(folder / HEAD_INIT_FILE), metadata={"format": "pt"})
+    if new_rows is not None:  # added tokens: their initial rows and the grown tokenizer
+        save_file({"new_embeddings": new_rows.cpu().contiguous()}, str(folder / NEW_EMBEDDINGS_FILE),
+                  metadata={"format": "pt"})
+        tokenizer.save_pretrained(str(folder))
     kept = sum(int(d.numel()) for d in deltas.values())
     meta = {"task": task, "head": sorted(head_init), "trainable_params": kept}
     if spec is not None:
@@ -417,22 +438,26 @@ def read_adapter(folder: Path, base, task: str) -> dict:
 
 
 def _add_new_embeddings(folder: Path, base) -> None:
-    """peft-sparta's new token rows: append them to the input embeddings (once)."""
+    """Added tokens (peft-sparta's layout): grow the input embeddings to the adapter's tokenizer
+    and set the new rows to their saved initial values (the deltas start from them)."""
+    import torch
+
     new = _load_tensors(folder, "new_embeddings_init")
     if not new:
         return
     rows = next(iter(new.values()))
-    emb = base.get_input_embeddings()
-    want = getattr(base.config, "sparta_vocab_size", None)
-    if want is not None and emb.weight.shape[0] == want:
-        return
-    old = emb.weight.shape[0]
-    base.resize_token_embeddings(old + rows.shape[0])
-    import torch
+    n = rows.shape[0]
+    old = base.get_input_embeddings().weight.shape[0]
+    target = old + n
+    if (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
 
+        target = len(AutoTokenizer.from_pretrained(str(folder)))
+    if old < target:
+        base.resize_token_embeddings(target, mean_resizing=False)
     with torch.no_grad():
-        base.get_input_embeddings().weight[old:] = rows.to(emb.weight.dtype)
-    base.config.sparta_vocab_size = old + rows.shape[0]
+        emb = base.get_input_embeddings().weight
+        emb[target - n:target] = rows.to(emb.dtype)
 
 
 # ------------------------------------------------------------------ inference form
