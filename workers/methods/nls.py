@@ -87,6 +87,8 @@ def _elastic_linear_class():
     import torch.nn.functional as F
     from peft.tuners.lora.layer import Linear
 
+    from workers.methods.base import sum_lora_updates
+
     class ElasticLoraLinear(Linear):
         """PEFT's LoRA Linear with an active rank: A[:r], B[:, :r], scaling alpha/r_max."""
 
@@ -96,16 +98,8 @@ def _elastic_linear_class():
             r = self.nls_rank
             if r is None or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
                 return super().forward(x, *args, **kwargs)
-            result = self.base_layer(x, *args, **kwargs)
-            dtype = result.dtype
-            for name in self.active_adapters:
-                if name not in self.lora_A:
-                    continue
-                a = self.lora_A[name].weight[:r]
-                b = self.lora_B[name].weight[:, :r]
-                xa = self._cast_input_dtype(x, a.dtype)
-                result = result + F.linear(F.linear(self.lora_dropout[name](xa), a), b) * self.scaling[name]
-            return result.to(dtype)
+            return sum_lora_updates(self, x, args, kwargs, lambda name, xd: F.linear(
+                F.linear(xd, self.lora_A[name].weight[:r]), self.lora_B[name].weight[:, :r]) * self.scaling[name])
 
         def __repr__(self) -> str:
             return "nls." + super().__repr__()

@@ -38,6 +38,8 @@ def _sparse_linear_class():
     import torch.nn.functional as F
     from peft.tuners.lora.layer import Linear
 
+    from workers.methods.base import sum_lora_updates
+
     class SparseLoraLinear(Linear):
         def _mask(self):
             return self.get_base_layer().weight != 0
@@ -50,16 +52,7 @@ def _sparse_linear_class():
         def forward(self, x, *args, **kwargs):
             if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
                 return super().forward(x, *args, **kwargs)
-            result = self.base_layer(x, *args, **kwargs)
-            dtype = result.dtype
-            for name in self.active_adapters:
-                if name not in self.lora_A:
-                    continue
-                a = self.lora_A[name].weight
-                xa = self._cast_input_dtype(x, a.dtype)
-                delta = self.get_delta_weight(name)
-                result = result + F.linear(self.lora_dropout[name](xa), delta)
-            return result.to(dtype)
+            return sum_lora_updates(self, x, args, kwargs, lambda name, xd: F.linear(xd, self.get_delta_weight(name)))
 
         def __repr__(self) -> str:
             return "sparsepeft." + super().__repr__()
