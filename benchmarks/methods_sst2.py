@@ -39,12 +39,17 @@ N_TRAIN, BATCH, MAX_LEN, HOLDOUT = 8000, 32, 64, 0.015
 LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]}
 BERT_FROZEN = ["embeddings", "query", "key", "intermediate", "LayerNorm"]
 
-# name, base ("dense" | "pruned"), adapter section, learning rates swept
+PVERA_QV = {"method": "pvera", "r": 128, "target_modules": ["query", "value"]}
+PVERA_ALL = {"method": "pvera", "r": 128, "target_modules": ["query", "key", "value", "dense"],
+             "_train": {"head_lr": 3e-3}}  # the head at LoRA's rate, not PVeRA's much higher one
+
+# name, base ("dense" | "pruned"), adapter section (or a list of candidate sections, swept together
+# with the learning rates; "_train" holds train-section overrides), learning rates swept
 ROWS = [
     ("lora", "dense", LORA, [3e-4, 1e-3, 3e-3]),
     ("ia3", "dense", {"method": "ia3", "target_modules": ["key", "value", "output.dense"],
                       "feedforward_modules": ["output.dense"]}, [3e-3, 1e-2, 3e-2]),
-    ("pvera", "dense", {"method": "pvera", "r": 128, "target_modules": ["query", "value"]}, [3e-3, 1e-2, 3e-2]),
+    ("pvera", "dense", [PVERA_QV, PVERA_ALL], [1e-2, 3e-2, 1e-1]),
     ("sparta", "dense", {"method": "sparta", "sparsity": "matched", "frozen_modules": BERT_FROZEN},
      [3e-3, 1e-2, 3e-2]),
     ("nls-heuristic", "dense", {"method": "nls", "search_space": [16, 12, 8], "alpha": 32, "dropout": 0.05,
@@ -65,13 +70,16 @@ def sst2_dir() -> Path:
 
 
 def base_spec(model: str, workspace: Path, adapter: dict, lr: float) -> dict:
+    adapter = dict(adapter)
+    extra = adapter.pop("_train", {})
     return {
         "name": "bench-methods", "workspace": str(workspace),
         "model": {"name": model, "task": "seq-cls", "id2label": {0: "negative", 1: "positive"}},
         "data": {"path": str(sst2_dir()), "max_length": MAX_LEN, "max_train_examples": N_TRAIN, "eval_split": "dev"},
         "adapter": adapter,
         "train": {"num_workers": 2, "zero_stage": 2, "global_batch_size": BATCH, "lr": lr, "epochs": 1,
-                  "checkpoint_every": 10**6, "log_every": 10, "threads_per_worker": 1, "warmup_ratio": 0.06},
+                  "checkpoint_every": 10**6, "log_every": 10, "threads_per_worker": 1, "warmup_ratio": 0.06,
+                  **extra},
     }
 
 
@@ -152,31 +160,34 @@ def head_only(model: str, lr: float, sweep_n: int | None, seed: int = 0) -> dict
     return {"report": report, "trainable": sum(p.numel() for p in params), "seconds": seconds}
 
 
-def pick(sweep: list[dict]) -> float:
-    best = max(sweep, key=lambda r: (r["accuracy"], -r["eval_loss"]))
-    return best["lr"]
-
-
 def run_row(name: str, base: str, adapter: dict | None, lrs: list[float], models: dict, sweep_n: int,
             workspace: Path, lora_trainable: dict) -> dict:
+    from pipelines.train import evaluate_artifact
     from workers.artifact import verify
     from workers.merge import merge_adapter
 
     model = models[base]
-    if adapter and adapter.get("sparsity") == "matched":
-        t, total = lora_trainable["dense"]
-        adapter = {**adapter, "sparsity": round(1 - t / total, 6)}
+    candidates = adapter if isinstance(adapter, list) else [adapter]
+    for i, cand in enumerate(candidates):
+        if cand and cand.get("sparsity") == "matched":
+            t, total = lora_trainable["dense"]
+            candidates[i] = {**cand, "sparsity": round(1 - t / total, 6)}
     sweep = []
-    for lr in lrs:
-        if adapter is None:
-            rep = head_only(model, lr, sweep_n)["report"]
-        else:
-            with tempfile.TemporaryDirectory(dir=workspace) as tmp:
-                spec = as_sweep(base_spec(model, Path(tmp), adapter, lr), sweep_n)
-                rep = platform_run(spec, f"sweep-{name}-{lr:g}", Path(tmp))["report"]
-        sweep.append({"lr": lr, "accuracy": round(rep["accuracy"], 4), "eval_loss": round(rep["eval_loss"], 4)})
-        print(json.dumps({"sweep": name, "base": base, **sweep[-1]}), file=sys.stderr, flush=True)
-    lr = pick(sweep)
+    for c, cand in enumerate(candidates):
+        for lr in lrs:
+            if cand is None:
+                rep = head_only(model, lr, sweep_n)["report"]
+            else:
+                with tempfile.TemporaryDirectory(dir=workspace) as tmp:
+                    spec = as_sweep(base_spec(model, Path(tmp), cand, lr), sweep_n)
+                    rep = platform_run(spec, f"sweep-{name}-{lr:g}", Path(tmp))["report"]
+            sweep.append({"lr": lr, "accuracy": round(rep["accuracy"], 4), "eval_loss": round(rep["eval_loss"], 4)})
+            if len(candidates) > 1:
+                sweep[-1]["candidate"] = c
+            print(json.dumps({"sweep": name, "base": base, **sweep[-1]}), file=sys.stderr, flush=True)
+    best = max(sweep, key=lambda r: (r["accuracy"], -r["eval_loss"]))
+    adapter = candidates[best.get("candidate", 0)]
+    lr = best["lr"]
     row = {"method": name, "base": "MiniLM" if base == "dense" else "MiniLM, 50 % Wanda", "lr": lr}
     if adapter is None:
         res = head_only(model, lr, None)
@@ -195,7 +206,7 @@ def run_row(name: str, base: str, adapter: dict | None, lrs: list[float], models
             super_acc = rep["accuracy"]
             sub = tmp / "heuristic"
             summary = extract_artifact(folder, verify(folder), sub, "heuristic")
-            rep = __import__("pipelines.train", fromlist=["evaluate_artifact"]).evaluate_artifact(res["spec"], sub)
+            rep = evaluate_artifact(res["spec"], sub)
             row.update(super_adapter_accuracy=round(super_acc, 4), ranks=summary["ranks"])
             folder = sub
         merged = merge_adapter(folder, verify(folder), tmp / "merged")
@@ -204,6 +215,8 @@ def run_row(name: str, base: str, adapter: dict | None, lrs: list[float], models
                    nonzeros_added=merged["nonzeros_added"])
         if adapter["method"] == "sparta":
             row["sparsity"] = adapter["sparsity"]
+        if len(candidates) > 1:
+            row["config"] = adapter
     row.update({k: round(rep[k], 4) for k in ("accuracy", "balanced_accuracy", "mcc", "f1")})
     row["sweep"] = sweep
     return row
@@ -241,7 +254,7 @@ def main(argv=None) -> None:
             continue
         if base == "pruned" and "pruned" not in models:
             models["pruned"] = pruned_base(args.workspace)
-        if adapter and adapter.get("sparsity") == "matched" and "dense" not in lora_trainable:
+        if isinstance(adapter, dict) and adapter.get("sparsity") == "matched" and "dense" not in lora_trainable:
             from pipelines.spec import parse_spec as ps
             from workers.models import count_parameters, load_model, load_tokenizer
             from workers.methods import attach

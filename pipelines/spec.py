@@ -67,6 +67,8 @@ class PipelineSpec(StrictModel):
     def _check(self):
         if self.model.task == "causal-lm" and (self.model.num_labels or self.model.id2label):
             raise ValueError("model.num_labels/id2label apply to seq-cls only; remove them for causal-lm")
+        if self.train.head_lr is not None and self.model.task != "seq-cls":
+            raise ValueError("train.head_lr applies to seq-cls (a task head); remove it for causal-lm")
         if self.adapter.method == "alora":
             if self.model.task != "causal-lm":
                 raise ValueError("adapter.method alora needs model.task: causal-lm (aLoRA reuses a causal "

@@ -85,3 +85,33 @@ def test_interrupted_run_resumes_at_the_next_step_with_identical_results(case, t
     # the adapter really trained: LoRA B starts at zero
     assert any(k.endswith("lora_B.weight") and wa[k].abs().max() > 1e-4 for k in wa)
     assert json.loads((resumed.checkpoint / "history.json").read_text()) == resumed.history
+
+
+def test_head_lr_puts_the_task_head_in_its_own_group(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from workers.config import TrainSpec
+    from workers.methods import REGISTRY, attach
+    from workers.train_loop import param_groups
+
+    train = TrainSpec(lr=3e-2, head_lr=1e-3)
+    cases = {
+        "lora": {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "sparta": {"method": "sparta", "sparsity": 0.9},
+    }
+    for name, adapter in cases.items():
+        model = attach(AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=2),
+                       REGISTRY[name][0].model_validate(adapter), "seq-cls")
+        body, head = param_groups(model, train)
+        assert (body["lr"], head["lr"]) == (3e-2, 1e-3)
+        names = {id(p): n for n, p in model.named_parameters()}
+        head_names = sorted(names[id(p)] for p in head["params"])
+        assert len(head_names) == 1 and "score" in head_names[0], head_names
+        assert sum(p.numel() for p in head["params"]) == 32 * 2  # the score weight: hidden x labels
+        assert len(body["params"]) > 0 and all("score" not in names[id(p)] for p in body["params"])
+    one = param_groups(model, TrainSpec(lr=3e-2))
+    assert len(one) == 1 and one[0]["lr"] == 3e-2
+    lm = attach(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                REGISTRY["lora"][0].model_validate(cases["lora"]), "causal-lm")
+    with pytest.raises(ValueError, match="no trainable task head"):
+        param_groups(lm, train)

@@ -98,6 +98,10 @@ class TrainSpec(StrictModel):
     epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    head_lr: float | None = Field(
+        None, gt=0, description="Peak learning rate of the task head (seq-cls); null = lr. Useful when an "
+        "adapter wants a much higher rate than a freshly initialised head (PVeRA, SpaRTA).",
+    )
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Linear warm-up share of steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")

@@ -151,6 +151,27 @@ def build_trainable(spec, seed: int):
     return tok, model
 
 
+def is_head_parameter(name: str, model) -> bool:
+    """The task head's trainable parameters: PEFT's `modules_to_save` copies, or the deltas a
+    SpaRTA model keeps for its head."""
+    if "modules_to_save" in name:
+        return True
+    heads = {h.rsplit(".", 1)[0] for h in getattr(model, "heads", [])}
+    return any(name.startswith(f"base_model.{h}.parametrizations.") for h in heads)
+
+
+def param_groups(model, train) -> list[dict]:
+    """The optimizer's parameter groups: the adapter at train.lr, the head at train.head_lr."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if train.head_lr is None:
+        return [{"params": [p for _, p in trainable], "lr": train.lr}]
+    head = [p for n, p in trainable if is_head_parameter(n, model)]
+    body = [p for n, p in trainable if not is_head_parameter(n, model)]
+    if not head:
+        raise ValueError("train.head_lr is set but the model has no trainable task head (seq-cls only)")
+    return [{"params": body, "lr": train.lr}, {"params": head, "lr": train.head_lr}]
+
+
 def _gathered(engine, stage: int):
     import contextlib
 
@@ -216,7 +237,7 @@ def _train(config: dict, spec, train, rank: int, world: int) -> None:
     plan = BatchPlan(len(examples), train.global_batch_size, world, train.grad_accum, train.seed)
     trainable, total_params = count_parameters(model)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, train)
     if train.offload != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
