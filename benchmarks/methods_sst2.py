@@ -161,7 +161,7 @@ def head_only(model: str, lr: float, sweep_n: int | None, seed: int = 0) -> dict
 
 
 def run_row(name: str, base: str, adapter: dict | None, lrs: list[float], models: dict, sweep_n: int,
-            workspace: Path, lora_trainable: dict, previous: dict | None = None) -> dict:
+            workspace: Path, lora_trainable: dict, previous: dict | None = None, on_point=None) -> dict:
     """Sweep (reusing `previous` sweep points of this row), pick, train the final, evaluate on dev.
     A previous final run is reused when the sweep picks the same configuration and rate."""
     from pipelines.train import evaluate_artifact
@@ -191,6 +191,8 @@ def run_row(name: str, base: str, adapter: dict | None, lrs: list[float], models
         if len(candidates) > 1:
             p["candidate"] = c
         print(json.dumps({"sweep": name, "base": base, **p}), file=sys.stderr, flush=True)
+        if on_point:
+            on_point(sweep + [p])
         return p
 
     for c in range(len(candidates)):
@@ -198,7 +200,7 @@ def run_row(name: str, base: str, adapter: dict | None, lrs: list[float], models
             sweep.append(point(c, lr))
     best = max(sweep, key=lambda r: (r["accuracy"], -r["eval_loss"]))
     adapter = candidates[best.get("candidate", 0)]
-    if previous and previous["lr"] == best["lr"] and previous.get("config", candidates[0]) == adapter:
+    if previous and previous.get("lr") == best["lr"] and previous.get("config", candidates[0]) == adapter:
         return {**previous, "sweep": sweep}
     lr = best["lr"]
     row = {"method": name, "base": "MiniLM" if base == "dense" else "MiniLM, 50 % Wanda", "lr": lr}
@@ -256,7 +258,7 @@ def main(argv=None) -> None:
     only = set(args.only.split(",")) if args.only else None
     lora_trainable = {}
     for r in done.values():
-        if r["method"] == "lora":
+        if r["method"] == "lora" and not r.get("partial"):
             lora_trainable["dense" if r["base"] == "MiniLM" else "pruned"] = (r["trainable_params"], r.get("total_params"))
     for name, base, adapter, lrs in ROWS:
         label = "MiniLM" if base == "dense" else "MiniLM, 50 % Wanda"
@@ -272,8 +274,15 @@ def main(argv=None) -> None:
             s = ps(base_spec(models["dense"], args.workspace, LORA, 1e-3))
             tok = load_tokenizer(s.model)
             lora_trainable["dense"] = count_parameters(attach(load_model(s.model, tok), s.adapter, "seq-cls"))
+        def save_points(points, key=(name, label)):  # sweep points survive an interrupted run
+            if args.out:
+                prev = done.get(key)
+                done[key] = ({"method": key[0], "base": key[1], "partial": True, "sweep": points}
+                             if prev is None or prev.get("partial") else {**prev, "sweep": points})
+                args.out.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+
         row = run_row(name, base, adapter, lrs, models, args.sweep_examples, args.workspace, lora_trainable,
-                      previous=done.get((name, label)))
+                      previous=done.get((name, label)), on_point=save_points)
         if name == "lora":
             row["total_params"] = lora_trainable[base][1]
         print(json.dumps(row), flush=True)
