@@ -48,6 +48,11 @@ class TrackSpec(StrictModel):
         return metric, greater
 
 
+# methods whose layers read the whole base weight (its mask, its quantization grid) outside the base
+# layer's own forward: ZeRO-3 gathers a partitioned weight only inside that forward
+ZERO3_UNSUPPORTED = ("sparsepeft", "qa-sparsepeft")
+
+
 class PipelineSpec(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Pipeline name.")
     workspace: str = Field(
@@ -67,6 +72,11 @@ class PipelineSpec(StrictModel):
     def _check(self):
         if self.model.task == "causal-lm" and (self.model.num_labels or self.model.id2label):
             raise ValueError("model.num_labels/id2label apply to seq-cls only; remove them for causal-lm")
+        if self.train.zero_stage == 3 and self.adapter.method in ZERO3_UNSUPPORTED:
+            raise ValueError(
+                f"adapter.method {self.adapter.method} reads whole base weights outside their layers' forward, "
+                "which ZeRO-3 partitions; use train.zero_stage 2 (or 0/1) with it"
+            )
         if self.train.head_lr is not None and self.model.task != "seq-cls":
             raise ValueError("train.head_lr applies to seq-cls (a task head); remove it for causal-lm")
         if self.adapter.method == "alora":

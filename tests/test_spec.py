@@ -187,3 +187,11 @@ def test_method_specific_keys_and_checks():
     s = parse_spec(base(adapter={"method": "ia3", "target_modules": ["k_proj", "down_proj"],
                                  "feedforward_modules": ["down_proj"]}))
     assert s.adapter.method == "ia3"
+
+
+def test_methods_that_need_whole_base_weights_refuse_zero3():
+    base = {"name": "x", "model": {"name": "m"}, "data": {"path": "p"}, "train": {"zero_stage": 3}}
+    for method in ("sparsepeft", "qa-sparsepeft"):
+        with pytest.raises(SpecError, match=f"{method} reads whole base weights.*zero_stage 2"):
+            parse_spec({**base, "adapter": {"method": method}})
+    assert parse_spec({**base, "adapter": {"method": "lora"}}).train.zero_stage == 3
