@@ -10,6 +10,8 @@ Rows: LoRA r=8 q/v, IA3, PVeRA, SpaRTA at a sparsity matched to LoRA's trainable
 heuristic sub-adapter; and on a 50 % Wanda-pruned MiniLM (calibrated on SST-2 train sentences):
 no adapter (the head alone trained by a plain loop: the linear probe), plain LoRA, SparsePEFT and
 QA-SparsePEFT (INT4, group 128). The learning-rate grids are fixed below, before any dev result;
+when a sweep's best rate is at an edge of its grid, the grid grows one half-decade (1-3-10 ladder) that
+way, up to twice, still judged on the held-out slice only;
 `--sweep-examples 8000` sweeps at the full training budget (slower, and the rates it picks transfer
 to the final run; the 2,000-example default favours high rates).
 
@@ -60,6 +62,22 @@ ROWS = [
     ("qa-sparsepeft", "pruned", {**LORA, "method": "qa-sparsepeft", "dropout": 0.0, "group_size": 128},
      [1e-3, 3e-3, 1e-2]),
 ]
+
+
+MAX_EXTEND = 2
+
+
+def half_decade(lr: float, up: bool) -> float:
+    """The next rate on the 1-3-10 ladder: 3e-2 -> 1e-1 up, 3e-4 -> 1e-4 down."""
+    import math
+
+    e = math.floor(math.log10(lr) + 1e-9)
+    m = round(lr / 10**e)
+    if up:
+        m2, e2 = (3, e) if m < 3 else (1, e + 1)
+    else:
+        m2, e2 = (1, e) if m > 1 else (3, e - 1)
+    return float(f"{m2}e{e2}")
 
 
 def sst2_dir() -> Path:
@@ -196,8 +214,18 @@ def run_row(name: str, base: str, adapter: dict | None, lrs: list[float], models
         return p
 
     for c in range(len(candidates)):
-        for lr in lrs:
+        rates = sorted(lrs)
+        for lr in rates:
             sweep.append(point(c, lr))
+        # a best rate on the edge of the grid extends the grid one half-decade that way (held-out only)
+        for _ in range(MAX_EXTEND):
+            mine = [p for p in sweep if p.get("candidate", 0) == c]
+            top = max(mine, key=lambda r: (r["accuracy"], -r["eval_loss"]))["lr"]
+            if top not in (rates[0], rates[-1]):
+                break
+            nxt = half_decade(top, up=top == rates[-1])
+            rates = sorted(rates + [nxt])
+            sweep.append(point(c, nxt))
     best = max(sweep, key=lambda r: (r["accuracy"], -r["eval_loss"]))
     adapter = candidates[best.get("candidate", 0)]
     if previous and previous.get("lr") == best["lr"] and previous.get("config", candidates[0]) == adapter:
@@ -244,8 +272,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sweep-examples", type=int, default=2000)
     ap.add_argument("--workspace", type=Path, default=ROOT / ".adapterflow" / "bench-methods")
     args = ap.parse_args(argv)
-    from pipelines.train import ensure_ray
     from pipelines.spec import parse_spec
+    from pipelines.train import ensure_ray
 
     args.workspace.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -268,8 +296,8 @@ def main(argv=None) -> None:
             models["pruned"] = pruned_base(args.workspace)
         if isinstance(adapter, dict) and adapter.get("sparsity") == "matched" and "dense" not in lora_trainable:
             from pipelines.spec import parse_spec as ps
-            from workers.models import count_parameters, load_model, load_tokenizer
             from workers.methods import attach
+            from workers.models import count_parameters, load_model, load_tokenizer
 
             s = ps(base_spec(models["dense"], args.workspace, LORA, 1e-3))
             tok = load_tokenizer(s.model)
