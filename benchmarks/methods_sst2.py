@@ -44,6 +44,10 @@ LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules"
 BERT_FROZEN = ["embeddings", "query", "key", "intermediate", "LayerNorm"]
 
 PVERA_QV = {"method": "pvera", "r": 128, "target_modules": ["query", "value"]}
+# PVeRA shares its random projections across layers, so PEFT advises ranks above LoRA's (default 256);
+# the sweep picks among these on the held-out slice, with the rate
+PVERA_CANDIDATES = [PVERA_QV, {**PVERA_QV, "r": 256},
+                    {**PVERA_QV, "r": 256, "target_modules": ["query", "key", "value", "dense"]}]
 
 # name, base ("dense" | "pruned"), adapter section (or a list of candidate sections, swept together
 # with the learning rates; "_train" holds train-section overrides), learning rates swept
@@ -51,7 +55,7 @@ ROWS = [
     ("lora", "dense", LORA, [3e-4, 1e-3, 3e-3]),
     ("ia3", "dense", {"method": "ia3", "target_modules": ["key", "value", "output.dense"],
                       "feedforward_modules": ["output.dense"]}, [3e-3, 1e-2, 3e-2]),
-    ("pvera", "dense", PVERA_QV, [3e-3, 1e-2, 3e-2]),
+    ("pvera", "dense", PVERA_CANDIDATES, [3e-3, 1e-2, 3e-2]),
     ("sparta", "dense", {"method": "sparta", "sparsity": "matched", "frozen_modules": BERT_FROZEN},
      [3e-3, 1e-2, 3e-2]),
     ("nls-heuristic", "dense", {"method": "nls", "search_space": [16, 12, 8], "alpha": 32, "dropout": 0.05,
