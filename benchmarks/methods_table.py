@@ -42,8 +42,9 @@ def table(rows: list[dict]) -> str:
         if r.get("partial"):
             continue
         size = "—" if r.get("adapter_bytes") is None else f"{r['adapter_bytes']:,}"
+        acc = f"**{r['accuracy']:.3f}**" + (f" ± {r['accuracy_std']:.3f}" if "accuracy_std" in r else "")
         out.append(
-            f"| {describe(r)} | {r['base']} | {r['lr']:g} | **{r['accuracy']:.3f}** | {r['balanced_accuracy']:.3f} "
+            f"| {describe(r)} | {r['base']} | {r['lr']:g} | {acc} | {r['balanced_accuracy']:.3f} "
             f"| {r['mcc']:.3f} | {r['f1']:.3f} | {r['trainable_params']:,} | {size} | {r['train_seconds']:.0f} "
             f"| {r['nonzeros_added']:,} |"
         )
