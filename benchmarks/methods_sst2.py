@@ -12,8 +12,8 @@ no adapter (the head alone trained by a plain loop: the linear probe), plain LoR
 QA-SparsePEFT (INT4, group 128). The learning-rate grids are fixed below, before any dev result;
 when a sweep's best rate is at an edge of its grid, the grid grows one half-decade (1-3-10 ladder) that
 way, up to twice, still judged on the held-out slice only;
-`--sweep-examples 8000` sweeps at the full training budget (slower, and the rates it picks transfer
-to the final run; the 2,000-example default favours high rates).
+Sweeps train at the full 8,000-example budget by default (`--sweep-examples 2000` is quicker, but
+the rates it picks favour short runs and do not transfer to the final run).
 
 `--seeds N` trains each row's final N times (training seeds 42, 43, 44: head init, data order,
 dropout) and reports the means; 872 dev sentences put one run's accuracy within about ±1.3 points.
@@ -22,7 +22,7 @@ One JSON line per row: method, base, lr, accuracy (and accuracy_std over seeds),
 mcc, f1, trainable_params, adapter_bytes, train_seconds, nonzeros_added (merging the adapter into its
 base), runs (one per seed), sweep. `benchmarks/methods_table.py FILE` renders the README's table.
 
-    python benchmarks/methods_sst2.py [--out results.jsonl] [--only lora,sparta] [--sweep-examples 2000]
+    python benchmarks/methods_sst2.py [--out results.jsonl] [--only lora,sparta] [--sweep-examples N] [--seeds 1-3]
 """
 
 from __future__ import annotations
@@ -321,8 +321,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="Rows file: its sweep points and final runs are reused, rows rewritten.")
     ap.add_argument("--only", help="Comma-separated row names (e.g. lora,sparta).")
-    ap.add_argument("--sweep-examples", type=int, default=2000)
-    ap.add_argument("--seeds", type=int, default=1, choices=range(1, len(SEEDS) + 1),
+    ap.add_argument("--sweep-examples", type=int, default=N_TRAIN)
+    ap.add_argument("--seeds", type=int, default=len(SEEDS), choices=range(1, len(SEEDS) + 1),
                     help=f"Final runs per row, with training seeds {SEEDS[0]}, {SEEDS[1]}, ...; the table "
                          "reports their mean (and the spread).")
     ap.add_argument("--workspace", type=Path, default=ROOT / ".adapterflow" / "bench-methods")
