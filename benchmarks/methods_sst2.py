@@ -195,7 +195,7 @@ def run_row(name: str, base: str, adapter: dict | None, lrs: list[float], models
     evaluate on dev. Previous final runs are reused when the sweep picks the same configuration and rate."""
     seeds = seeds or SEEDS[:1]
     model = models[base]
-    candidates = adapter if isinstance(adapter, list) else [adapter]
+    candidates = list(adapter) if isinstance(adapter, list) else [adapter]  # a copy: "matched" is resolved in it
     for i, cand in enumerate(candidates):
         if cand and cand.get("sparsity") == "matched":
             t, total = lora_trainable["dense"]
