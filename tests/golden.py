@@ -1,0 +1,112 @@
+"""Golden outputs: every registered method trained with a fixed seed (local mode) and one 2-worker
+run, each reduced to the sha256 of its saved weight files and its evaluation metrics. The figures in
+`golden_outputs.json` were recorded from the code before the method contract and the training
+stages moved; `test_golden.py` checks the code still produces them bit for bit.
+
+Re-record (only when a change of behaviour is intended, and say so in the commit):
+    .venv/bin/python tests/golden.py --record
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GOLDEN_FILE = HERE / "golden_outputs.json"
+
+SEQ_TARGETS = ["q_proj", "v_proj", "down_proj"]
+CASES: dict[str, dict] = {
+    "lora": {"adapter": {"method": "lora", "r": 4, "alpha": 8, "target_modules": SEQ_TARGETS}},
+    "ia3": {"adapter": {"method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
+                        "feedforward_modules": ["down_proj"]}},
+    "pvera": {"adapter": {"method": "pvera", "r": 8, "target_modules": ["q_proj", "v_proj"]}},
+    "sparsepeft": {"adapter": {"method": "sparsepeft", "r": 4, "alpha": 8, "target_modules": SEQ_TARGETS}},
+    "qa-sparsepeft": {"adapter": {"method": "qa-sparsepeft", "r": 4, "alpha": 8, "target_modules": SEQ_TARGETS,
+                                  "group_size": 16}},
+    "nls": {"adapter": {"method": "nls", "alpha": 8, "search_space": [6, 4, 2],
+                        "target_modules": ["q_proj", "v_proj"]}},
+    "sparta": {"adapter": {"method": "sparta", "sparsity": 0.9, "seed": 5}},
+    "alora": {"task": "causal-lm", "adapter": {"method": "alora", "invocation_string": " Answer:", "r": 8,
+                                               "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
+    "lora-2-workers": {"adapter": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                       "train": {"num_workers": 2, "zero_stage": 2}},
+}
+METRICS = ("accuracy", "balanced_accuracy", "mcc", "f1", "eval_loss", "perplexity")
+
+
+def spec_dict(case: str, tiny_llama: Path, toy_data: Path, stories: Path | None, instruct: Path | None,
+              tmp: Path) -> dict:
+    c = CASES[case]
+    d = {
+        "name": f"golden-{case}", "workspace": str(tmp / "ws"),
+        "model": {"name": str(tiny_llama), "task": "seq-cls", "id2label": {0: "negative", 1: "positive"}},
+        "data": {"path": str(toy_data), "max_length": 32},
+        "adapter": c["adapter"],
+        "train": {"num_workers": 0, "global_batch_size": 16, "lr": 3e-2, "max_steps": 8, "epochs": 1,
+                  "checkpoint_every": 100, "log_every": 4, "seed": 7, **c.get("train", {})},
+    }
+    if c.get("task") == "causal-lm":
+        d["model"] = {"name": str(stories), "task": "causal-lm", "prompt_format": "Question: {prompt}."}
+        d["data"] = {"path": str(instruct), "max_length": 48, "input_template": "{instruction}",
+                     "target_template": " {output}"}
+        d["train"]["global_batch_size"] = 8
+    return d
+
+
+def weight_digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*.safetensors"))}
+
+
+def run_case(case: str, tiny_llama: Path, toy_data: Path, stories: Path | None, instruct: Path | None,
+             tmp: Path) -> dict:
+    """Train, build the artifact and evaluate it through the platform's stages."""
+    from pipelines.spec import parse_spec
+    try:
+        from workers.stages import build_artifact, evaluate_artifact, launch_training
+    except ImportError:  # recorded before the stages moved
+        from pipelines.train import build_artifact, evaluate_artifact, launch_training
+
+    spec = parse_spec(spec_dict(case, tiny_llama, toy_data, stories, instruct, tmp))
+    out = launch_training(spec, run_name=f"golden-{case}")
+    folder = build_artifact(spec, out.checkpoint, tmp / "adapter")
+    report = evaluate_artifact(spec, folder)
+    return {
+        "weights": weight_digests(folder),
+        "metrics": {k: report[k] for k in METRICS if k in report},
+        "losses": [h["loss"] for h in out.history],
+        "trainable_params": out.metrics["trainable_params"],
+    }
+
+
+def _record() -> None:
+    import tempfile
+
+    import ray
+
+    sys.path.insert(0, str(HERE))
+    from helpers import make_tiny_llama, need_shared, toy_instructions, toy_sentiment, write_jsonl, write_tsv
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    out = {}
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        llama = make_tiny_llama(tmp / "tiny-llama")
+        write_tsv(tmp / "toy" / "train.tsv", toy_sentiment(256, seed=0))
+        write_tsv(tmp / "toy" / "validation.tsv", toy_sentiment(64, seed=1))
+        write_jsonl(tmp / "instruct" / "train.jsonl", toy_instructions(128, seed=0))
+        write_jsonl(tmp / "instruct" / "validation.jsonl", toy_instructions(32, seed=1))
+        stories = need_shared("models", "stories260K")
+        for case in CASES:
+            out[case] = run_case(case, llama, tmp / "toy", stories, tmp / "instruct", tmp / case)
+            print(case, out[case]["metrics"], flush=True)
+    GOLDEN_FILE.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {GOLDEN_FILE}")
+
+
+if __name__ == "__main__" and "--record" in sys.argv:
+    _record()
