@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean ds-ops
+.PHONY: setup demo test test-unit lint bench clean ds-ops
 
 setup: $(STAMP) ds-ops
 
@@ -40,8 +40,17 @@ ds-ops: $(STAMP)
 demo: setup
 	$(VENV)/bin/adapterflow run pipelines/examples/demo.yaml
 
-test: setup $(TEST_STAMP)
+# every tier: lint, the import layers, then the whole suite (unit, ray and slow tests)
+test: setup $(TEST_STAMP) lint
 	$(PY) -m pytest -q tests
+
+# the tier that needs no Ray instance (seconds)
+test-unit: setup $(TEST_STAMP) lint
+	$(PY) -m pytest -q -m "not ray" tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: setup
 	$(PY) benchmarks/train_overhead.py

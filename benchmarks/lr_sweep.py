@@ -26,7 +26,7 @@ for k, v in {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_
 
 def sweep(spec, lrs: list[float], holdout: float = 0.25, workspace: Path | None = None) -> list[dict]:
     """Train and evaluate `spec` at each learning rate on a held-out slice of its training split."""
-    from pipelines.train import build_artifact, ensure_ray, evaluate_artifact, launch_training
+    from workers.stages import build_artifact, ensure_ray, evaluate_artifact, launch_training
 
     ensure_ray(spec)
     rows = []

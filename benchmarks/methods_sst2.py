@@ -138,7 +138,7 @@ def adapter_bytes(folder: Path) -> int:
 def platform_run(spec_dict: dict, name: str, tmp: Path) -> dict:
     """Train through the platform, evaluate on the spec's eval split; nothing registered."""
     from pipelines.spec import parse_spec
-    from pipelines.train import build_artifact, evaluate_artifact, launch_training
+    from workers.stages import build_artifact, evaluate_artifact, launch_training
 
     spec = parse_spec(spec_dict)
     out = launch_training(spec, run_name=name)
@@ -281,9 +281,9 @@ def _run_fields(row: dict) -> dict:
 def final_run(name: str, base: str, adapter: dict | None, lr: float, model: str, workspace: Path,
               seed: int) -> dict:
     """Train at the full budget with one seed and score dev."""
-    from pipelines.train import evaluate_artifact
     from workers.artifact import verify
     from workers.merge import merge_adapter
+    from workers.stages import evaluate_artifact
 
     run = {"seed": seed}
     if adapter is None:
@@ -328,7 +328,7 @@ def main(argv=None) -> None:
     ap.add_argument("--workspace", type=Path, default=ROOT / ".adapterflow" / "bench-methods")
     args = ap.parse_args(argv)
     from pipelines.spec import parse_spec
-    from pipelines.train import ensure_ray
+    from workers.stages import ensure_ray
 
     args.workspace.mkdir(parents=True, exist_ok=True)
     done = {}

@@ -96,7 +96,7 @@ def platform_run(spec) -> dict:
     """The platform's path: local Ray instance, Ray Train, 2 workers, DeepSpeed ZeRO-2."""
     import ray
 
-    from pipelines.train import launch_training
+    from workers.stages import launch_training
 
     t_start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,

@@ -5,19 +5,50 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-from workers.errors import AdapterflowError
+from workers.errors import AdapterflowError, UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Train, track and serve parameter-efficient adapters on Ray.")
 console = Console()
 err_console = Console(stderr=True)
+_debug = False
+
+
+def fail(message: str, code: int = 2):
+    """Print an error (one problem per line, never wrapped mid-line) and exit with `code`."""
+    lines = message.splitlines() or [""]
+    err_console.print(f"error: {lines[0]}", style="red", markup=False, highlight=False, soft_wrap=True)
+    for line in lines[1:]:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+class _Commands(TyperGroup):
+    """Every command's errors end here: a user error prints its message (exit 2), any other
+    platform error its message (exit 1); `--debug` adds the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AdapterflowError as exc:
+            if _debug:
+                err_console.print_exception(show_locals=False)
+            fail(str(exc), 2 if isinstance(exc, UserError) else 1)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Train, track and serve parameter-efficient adapters on Ray.")
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False) -> None:
+    global _debug
+    _debug = debug
 
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a spec key: --set train.lr=1e-4 (repeatable; value parsed as YAML).")]
@@ -33,8 +64,6 @@ def _load(spec_path: Path, overrides: list[str] | None):
 def _store_uri(tracking_uri: str | None) -> str | None:
     """Where models:/ references resolve: --tracking-uri, else $MLFLOW_TRACKING_URI, else the
     embedded store a pipeline run from this folder writes (.adapterflow/mlflow.db)."""
-    import os
-
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return tracking_uri
     default = Path.cwd() / ".adapterflow" / "mlflow.db"
@@ -42,10 +71,9 @@ def _store_uri(tracking_uri: str | None) -> str | None:
 
 
 def _quiet() -> None:
-    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-                 "DO_NOT_TRACK": "true", "HF_HUB_DISABLE_TELEMETRY": "1",
-                 "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(k, v)
+    from workers.common import quiet_environment
+
+    quiet_environment()
     logging.basicConfig(level=os.environ.get("ADAPTERFLOW_LOG", "WARNING"))
 
 
@@ -57,8 +85,14 @@ def validate(spec: Path, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def schema() -> None:
-    """Print the spec's JSON schema."""
+def schema(markdown: Annotated[bool, typer.Option("--markdown", help="The spec reference as Markdown "
+                                                  "(docs/spec-reference.md) instead of JSON schema.")] = False) -> None:
+    """Print the spec's JSON schema (or the Markdown spec reference)."""
+    if markdown:
+        from pipelines.reference import markdown as reference
+
+        print(reference(), end="")
+        return
     from pipelines.spec import json_schema
 
     print(json_schema())
@@ -140,29 +174,24 @@ def merge(adapter: Annotated[str, typer.Argument(help="An adapter folder or MLfl
 def extract_subadapter(
     adapter: Annotated[str, typer.Argument(help="An NLS super-adapter: folder or MLflow URI (models:/NAME@ALIAS).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the sub-adapter.")],
-    version: Annotated[str, typer.Option(help="maximal, heuristic, minimal, or one rank per group: 32,24,16,...")] = "heuristic",
+    version: Annotated[str, typer.Option(
+        help="maximal, heuristic, minimal, or one rank per group: 32,24,16,...")] = "heuristic",
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ references.")] = None,
 ) -> None:
     """Cut a LoRA sub-adapter out of an NLS super-adapter (stock PEFT loads it)."""
     _quiet()
-    from workers.errors import AdapterflowError
-    from workers.methods.nls import extract_artifact as extract
+    from workers.methods import method_for_manifest
     from workers.store import resolve
 
     try:
         choice = [int(x) for x in version.split(",")] if version[:1].isdigit() else version
     except ValueError:
-        err_console.print(f"[red]error:[/] --version {version!r}: ranks must be integers (e.g. 32,24,16)")
-        raise typer.Exit(2) from None
+        fail(f"--version {version!r}: ranks must be integers (e.g. 32,24,16)")
     folder, manifest = resolve(adapter, tracking_uri=_store_uri(tracking_uri))
-    if manifest["method"] != "nls":
-        err_console.print(f"[red]error:[/] {adapter} is a {manifest['method']} adapter, not an NLS super-adapter")
-        raise typer.Exit(2)
-    try:
-        summary = extract(folder, manifest, output, choice, source=adapter)
-    except AdapterflowError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+    method = method_for_manifest(manifest)
+    if not method.subadapters:
+        fail(f"{adapter} is a {method.name} adapter, which has no sub-adapters to extract")
+    summary = method.extract_subadapter(folder, manifest, output, choice, source=adapter)
     console.print(f"{version} sub-adapter: ranks {summary['ranks']} over {summary['groups']} groups, "
                   f"{summary['lora_params']:,} LoRA parameters -> {output}")
 
@@ -175,8 +204,7 @@ def check_sparsity(model_dir: Path, every_layer: Annotated[bool, typer.Option(he
     from workers.merge import sparsity_of
 
     if not model_dir.is_dir():
-        err_console.print(f"[red]error:[/] {model_dir} is not a folder")
-        raise typer.Exit(2)
+        fail(f"{model_dir} is not a folder")
     rep = sparsity_of(model_dir)
     table = Table(title=f"sparsity of {model_dir}")
     table.add_column("weight")
@@ -189,7 +217,8 @@ def check_sparsity(model_dir: Path, every_layer: Annotated[bool, typer.Option(he
 
 
 @app.command()
-def serve(target: Annotated[str, typer.Argument(help="A spec file, an MLflow URI (models:/NAME@ALIAS) or an adapter folder.")],
+def serve(target: Annotated[str, typer.Argument(
+              help="A spec file, an MLflow URI (models:/NAME@ALIAS) or an adapter folder.")],
           set_: SetOpt = None,
           name: Annotated[Optional[str], typer.Option(help="Adapter name clients use.")] = None,
           host: Annotated[Optional[str], typer.Option()] = None,
@@ -201,8 +230,8 @@ def serve(target: Annotated[str, typer.Argument(help="A spec file, an MLflow URI
     import time
 
     from pipelines import tracking
-    from pipelines.train import ensure_ray
     from serve.app import deploy
+    from workers.stages import ensure_ray
 
     if target.endswith((".yaml", ".yml")) and Path(target).is_file():
         s, _ = _load(Path(target), set_)
@@ -234,11 +263,7 @@ def serve(target: Annotated[str, typer.Argument(help="A spec file, an MLflow URI
 
 
 def main() -> None:
-    try:
-        app()
-    except AdapterflowError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from pipelines import tracking
 from pipelines.spec import PipelineSpec
-from pipelines.train import build_artifact, check_inputs, ensure_ray, evaluate_artifact, launch_training
+from workers.stages import build_artifact, check_inputs, ensure_ray, evaluate_artifact, launch_training
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class RunResult:
 
 
 def train_and_register(spec: PipelineSpec, spec_dict: dict, console: Console, *,
-                       register: bool = True, fault: dict | None = None) -> RunResult:
+                       register: bool = True) -> RunResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     check_inputs(spec)
@@ -48,8 +48,7 @@ def train_and_register(spec: PipelineSpec, spec_dict: dict, console: Console, *,
         with console.status(f"training {spec.adapter.method} on {spec.train.num_workers or 'local'} "
                             f"worker(s), ZeRO-{spec.train.zero_stage}..."):
             t = time.perf_counter()
-            outcome = launch_training(spec, mlflow_cfg={"tracking_uri": uri, "run_id": run_id},
-                                      fault=fault)
+            outcome = launch_training(spec, mlflow_cfg={"tracking_uri": uri, "run_id": run_id})
             timings["train_s"] = time.perf_counter() - t
         m = outcome.metrics
         console.print(f"trained {m.get('step')} steps, final loss {m.get('loss', float('nan')):.4f}, "
@@ -133,12 +132,11 @@ def print_samples(console: Console, samples: list[dict], positive: str | None = 
     console.print(table)
 
 
-def run_pipeline(spec: PipelineSpec, spec_dict: dict, console: Console, *, keep_serving: bool = False,
-                 fault: dict | None = None) -> RunResult:
+def run_pipeline(spec: PipelineSpec, spec_dict: dict, console: Console, *, keep_serving: bool = False) -> RunResult:
     from serve.app import deploy, shutdown
 
     t0 = time.perf_counter()
-    result = train_and_register(spec, spec_dict, console, fault=fault)
+    result = train_and_register(spec, spec_dict, console)
     reg = result.registration
     adapter = spec.name
     t = time.perf_counter()

@@ -15,9 +15,18 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from serve.config import ServeSpec
-from workers.config import AdapterSpec, DataSpec, ModelSpec, SparsifySpec, TrainSpec
+from workers.common import StrictModel
+from workers.config import (
+    PLUGINS_DESCRIPTION,
+    AdapterSpec,
+    DataSpec,
+    ModelSpec,
+    SparsifySpec,
+    TrainSpec,
+    check_sections,
+    import_plugins,
+)
 from workers.errors import SpecError
-from workers.methods.base import StrictModel
 
 DEFAULT_SELECTION = {"seq-cls": ("accuracy", True), "causal-lm": ("eval_loss", False)}
 
@@ -48,17 +57,13 @@ class TrackSpec(StrictModel):
         return metric, greater
 
 
-# methods whose layers read the whole base weight (its mask, its quantization grid) outside the base
-# layer's own forward: ZeRO-3 gathers a partitioned weight only inside that forward
-ZERO3_UNSUPPORTED = ("sparsepeft", "qa-sparsepeft")
-
-
 class PipelineSpec(StrictModel):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Pipeline name.")
     workspace: str = Field(
         ".adapterflow", description="Folder for MLflow's SQLite store, artifacts and Ray results."
     )
     ray_address: str | None = Field(None, description="Ray cluster address; null = local instance.")
+    plugins: list[str] = Field(default_factory=list, description=PLUGINS_DESCRIPTION)
     model: ModelSpec
     data: DataSpec
     adapter: AdapterSpec
@@ -66,26 +71,21 @@ class PipelineSpec(StrictModel):
     track: TrackSpec = Field(default_factory=TrackSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     sparsify: SparsifySpec = Field(default_factory=SparsifySpec)
-    version: Literal[1] = 1
+    version: Literal[1] = Field(1, description="Spec format version.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugins(cls, data):
+        return import_plugins(data)
 
     @model_validator(mode="after")
     def _check(self):
         if self.model.task == "causal-lm" and (self.model.num_labels or self.model.id2label):
             raise ValueError("model.num_labels/id2label apply to seq-cls only; remove them for causal-lm")
-        if self.train.zero_stage == 3 and self.adapter.method in ZERO3_UNSUPPORTED:
-            raise ValueError(
-                f"adapter.method {self.adapter.method} reads whole base weights outside their layers' forward, "
-                "which ZeRO-3 partitions; use train.zero_stage 2 (or 0/1) with it"
-            )
-        if self.train.head_lr is not None and self.model.task != "seq-cls":
-            raise ValueError("train.head_lr applies to seq-cls (a task head); remove it for causal-lm")
-        if self.adapter.method == "alora":
-            if self.model.task != "causal-lm":
-                raise ValueError("adapter.method alora needs model.task: causal-lm (aLoRA reuses a causal "
-                                 "LM's KV cache); use lora for seq-cls")
-            if self.adapter.invocation_string not in self.model.prompt_format:
-                # every prompt, in training and in serving, ends with the invocation
-                self.model.prompt_format += self.adapter.invocation_string
+        try:
+            check_sections(self.model, self.adapter, self.train)
+        except SpecError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def with_absolute_paths(self, base: Path | None = None) -> PipelineSpec:
@@ -125,10 +125,7 @@ _EXPECTED = {
 
 def _key_path(loc: tuple) -> str:
     parts: list[str] = []
-    for i, item in enumerate(loc):
-        # a discriminated union puts the tag (e.g. 'lora') into the location: drop it
-        if parts == ["adapter"] and i == 1 and isinstance(item, str) and len(loc) > 2:
-            continue
+    for item in loc:
         if isinstance(item, int):
             parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
         elif item in ("function-after", "literal", "union") or str(item).startswith(("list[", "dict[")):
@@ -138,15 +135,17 @@ def _key_path(loc: tuple) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def format_errors(err: ValidationError) -> list[str]:
+def format_errors(err: ValidationError, data: dict | None = None) -> list[str]:
     lines = []
+    adapter = (data or {}).get("adapter")
+    method = adapter.get("method") if isinstance(adapter, dict) else None
     for e in err.errors():
         path = _key_path(tuple(e["loc"]))
         kind = e["type"]
         got = e.get("input")
         if kind == "extra_forbidden":
             loc = tuple(e["loc"])
-            allowed = _allowed_for_method(loc[1]) if loc[:1] == ("adapter",) and len(loc) > 2 else _allowed(path)
+            allowed = _allowed_for_method(method) if loc[:1] == ("adapter",) else _allowed(path)
             lines.append(f"{path}: unknown key; remove it or check its spelling ({allowed})")
         elif kind == "missing":
             lines.append(f"{path}: required key is missing")
@@ -164,13 +163,13 @@ def format_errors(err: ValidationError) -> list[str]:
     return lines
 
 
-def _allowed_for_method(method: str) -> str:
-    from workers.methods import REGISTRY
+def _allowed_for_method(method) -> str:
+    from workers.methods import methods
 
-    cls = REGISTRY.get(method, (None,))[0]
-    if cls is None:
+    found = methods().get(method) if isinstance(method, str) else None
+    if found is None:
         return "see `adapterflow schema`"
-    return f"allowed for method {method}: {', '.join(sorted(cls.model_fields))}"
+    return f"allowed for method {method}: {', '.join(sorted(found.spec_class.model_fields))}"
 
 
 def _allowed(path: str) -> str:
@@ -229,7 +228,7 @@ def parse_spec(data: dict, source: str = "spec") -> PipelineSpec:
     try:
         return PipelineSpec.model_validate(data).with_absolute_paths()
     except ValidationError as err:
-        lines = format_errors(err)
+        lines = format_errors(err, data)
         raise SpecError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
 
 
@@ -238,8 +237,23 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return spec
 
 
+def schema_model() -> type[PipelineSpec]:
+    """PipelineSpec with `adapter` spelled out as the union of every registered method's spec (the
+    validating model looks methods up at validation time, so plugins registered later validate)."""
+    from typing import Annotated, Union
+
+    from pydantic import create_model
+
+    from workers.methods import methods
+
+    classes = tuple(m.spec_class for m in methods().values())
+    union = Annotated[Union[classes], Field(discriminator="method")]
+    return create_model("PipelineSpec", __base__=PipelineSpec, __doc__=PipelineSpec.__doc__,
+                        adapter=(union, ...))
+
+
 def json_schema() -> str:
-    return json.dumps(PipelineSpec.model_json_schema(), indent=2)
+    return json.dumps(schema_model().model_json_schema(), indent=2)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

@@ -7,11 +7,12 @@ One writer at a time on SQLite: this driver before and after training, rank 0 du
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.spec import PipelineSpec, flatten
+from workers.common import quiet_environment
+from workers.errors import SpecError
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +29,7 @@ def tracking_uri(spec: PipelineSpec) -> str:
 
 
 def _quiet_mlflow() -> None:
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "true")
+    quiet_environment()
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -126,7 +126,7 @@ def log_and_register(run_id: str, adapter_dir: Path, spec: PipelineSpec, report:
     name = spec.registered_model_name()
     metric, greater = spec.track.selection(spec.model.task)
     if metric not in report:
-        raise KeyError(f"track.selection_metric {metric!r} is not in the evaluation report "
+        raise SpecError(f"track.selection_metric {metric!r} is not in the evaluation report "
                        f"({', '.join(k for k, v in report.items() if isinstance(v, (int, float)))})")
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

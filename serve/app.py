@@ -2,8 +2,9 @@
 
 Routes: `GET /healthz`, `GET /v1/models`, `POST /v1/classify` (seq-cls adapters) and
 `POST /v1/completions` (causal-LM adapters, OpenAI request and response shape, non-streaming).
-Errors are JSON `{"error": {"type", "message", "code"}}`: unknown adapter 404, malformed body 422,
-wrong task for the adapter 400, missing or wrong API key 401.
+Errors are JSON `{"error": {"type", "message", "code"}}`, from one handler over the error tree
+(`workers.errors`): unknown adapter 404, malformed body 422, wrong task for the adapter 400, missing
+or wrong API key 401, an adapter that does not fit the replica 409, a platform fault 500.
 """
 
 
@@ -21,14 +22,36 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
+from workers.errors import (
+    AdapterflowError,
+    AdapterIntegrityError,
+    AuthError,
+    RequestError,
+    UnknownAdapterError,
+    UserError,
+    WrongTaskError,
+)
+
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="adapterflow", version="0.1.0")
+
+ERROR_TYPES = {UnknownAdapterError: "adapter_not_found", WrongTaskError: "wrong_task", AuthError: "unauthorized",
+               RequestError: "invalid_request", AdapterIntegrityError: "adapter_integrity"}
 
 
 def error(status: int, kind: str, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message,
                                                                "code": status}})
+
+
+@api.exception_handler(AdapterflowError)
+async def _platform_error(request: Request, exc: AdapterflowError):
+    kind = next((name for cls, name in ERROR_TYPES.items() if isinstance(exc, cls)),
+                "invalid_request" if isinstance(exc, UserError) else "internal_error")
+    if not isinstance(exc, UserError):
+        log.error("request failed: %s", exc)
+    return error(exc.http_status, kind, str(exc))
 
 
 @api.exception_handler(RequestValidationError)
@@ -81,11 +104,15 @@ class AdapterServer:
         if api_key_env:
             self.api_key = os.environ.get(api_key_env)
             if not self.api_key:
-                raise RuntimeError(
+                from workers.errors import SpecError
+
+                raise SpecError(
                     f"serve.api_key_env is {api_key_env!r} but that variable is not set on the replica"
                 )
         if not adapters:
-            raise ValueError("no adapters to serve")
+            from workers.errors import SpecError
+
+            raise SpecError("no adapters to serve")
         resolved = {name: resolve(ref, tracking_uri=tracking_uri) for name, ref in adapters.items()}
         first = next(iter(resolved.values()))[1]
         self.engine = Engine(first["model"], threads=threads)
@@ -93,20 +120,13 @@ class AdapterServer:
             self.engine.add_adapter(name, folder, manifest)
         self.max_new_tokens = max_new_tokens
 
-    def _auth(self, request: Request) -> JSONResponse | None:
+    def _auth(self, request: Request) -> None:
         if self.api_key is None:
-            return None
+            return
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            return error(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'")
-        return None
-
-    def _adapter_error(self, name: str) -> JSONResponse | None:
-        if name not in self.engine.adapters:
-            known = ", ".join(sorted(self.engine.adapters))
-            return error(404, "adapter_not_found", f"unknown adapter {name!r}; served adapters: {known}")
-        return None
+            raise AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
     @api.get("/healthz")
     def healthz(self):
@@ -114,8 +134,7 @@ class AdapterServer:
 
     @api.get("/v1/models")
     def models(self, request: Request):
-        if (denied := self._auth(request)) is not None:
-            return denied
+        self._auth(request)
         return {"object": "list", "data": [
             {"id": name, "object": "model", "owned_by": "adapterflow", "task": m["task"],
              "method": m["method"], "base_model": m["base_model"]["name"]}
@@ -124,38 +143,25 @@ class AdapterServer:
 
     @api.post("/v1/classify")
     def classify(self, body: ClassifyRequest, request: Request):
-        from workers.inference import WrongTaskError
-
-        if (denied := self._auth(request) or self._adapter_error(body.adapter)) is not None:
-            return denied
-        try:
-            results = self.engine.classify(body.adapter, body.inputs, samples=body.samples, seed=body.seed)
-        except WrongTaskError as exc:
-            return error(400, "wrong_task", str(exc))
+        self._auth(request)
+        results = self.engine.classify(body.adapter, body.inputs, samples=body.samples, seed=body.seed)
         return {"adapter": body.adapter, "results": results}
 
     @api.post("/v1/completions")
     def completions(self, body: CompletionRequest, request: Request):
-        from workers.inference import WrongTaskError
-
-        if (denied := self._auth(request) or self._adapter_error(body.model)) is not None:
-            return denied
+        self._auth(request)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         choices, n_prompt, n_out = [], 0, 0
-        try:
-            for i, p in enumerate(prompts):
-                r = self.engine.complete(body.model, p, max_tokens=body.max_tokens,
-                                         temperature=body.temperature, top_p=body.top_p,
-                                         seed=body.seed, stop=stop, samples=body.samples)
-                choice = {"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
-                if "monte_carlo" in r:
-                    choice["monte_carlo"] = r["monte_carlo"]
-                choices.append(choice)
-                n_prompt += r["prompt_tokens"]
-                n_out += r["completion_tokens"]
-        except WrongTaskError as exc:
-            return error(400, "wrong_task", str(exc))
+        for i, p in enumerate(prompts):
+            r = self.engine.complete(body.model, p, max_tokens=body.max_tokens, temperature=body.temperature,
+                                     top_p=body.top_p, seed=body.seed, stop=stop, samples=body.samples)
+            choice = {"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
+            if "monte_carlo" in r:
+                choice["monte_carlo"] = r["monte_carlo"]
+            choices.append(choice)
+            n_prompt += r["prompt_tokens"]
+            n_out += r["completion_tokens"]
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
                 "created": int(time.time()), "model": body.model, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from workers.methods.base import StrictModel
+from workers.common import StrictModel
 
 
 class ServeSpec(StrictModel):
@@ -12,7 +12,7 @@ class ServeSpec(StrictModel):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
     route_prefix: str = Field("/", description="URL prefix of the app.")
     app_name: str = Field("adapterflow", description="Ray Serve application name.")
-    num_replicas: int = Field(1, gt=0)
+    num_replicas: int = Field(1, gt=0, description="Ray Serve replicas (each holds one base model).")
     num_cpus: float = Field(
         0.5, gt=0, description="CPUs per replica (fractional so serving and training coexist)."
     )

@@ -12,9 +12,33 @@ for k, v in {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISA
 API_KEY_ENV = "ADAPTERFLOW_TEST_API_KEY"
 os.environ.setdefault(API_KEY_ENV, "test-" + os.urandom(8).hex())  # before Ray starts: replicas inherit it
 
-sys.path.insert(0, str(Path(__file__).parent))
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "plugins"))  # the toy method plugin (tests/plugins/toy_gain)
 
-from helpers import make_tiny_llama, toy_instructions, toy_sentiment, write_jsonl, write_tsv  # noqa: E402
+import faults  # noqa: E402
+
+FAULT_PLAN = Path(os.environ.setdefault(faults.PLAN_ENV, f"/tmp/adapterflow-fault-plan-{os.getpid()}.json"))
+
+from helpers import (  # noqa: E402
+    make_tiny_llama,
+    toy_instructions,
+    toy_sentiment,
+    train_method_case,
+    write_jsonl,
+    write_tsv,
+)
+
+RAY_FIXTURES = {"ray_session", "trained_adapters", "serve_port"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: a test that needs the shared Ray instance is marked `ray` (modules that run 2-worker jobs
+    or the end-to-end pipeline mark themselves `slow`). `make test` runs every tier; `make test-unit`
+    runs what needs no Ray."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +68,13 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", API_KEY_ENV)}
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(faults)  # the hook travels by value: workers need no tests/
+        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", API_KEY_ENV, faults.PLAN_ENV)}
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-                 runtime_env={"env_vars": env})
+                 runtime_env={"env_vars": env, "worker_process_setup_hook": faults.worker_setup,
+                              "py_modules": [str(TESTS / "plugins" / "toy_gain")]})
     yield ray
     try:
         from ray import serve
@@ -55,6 +83,47 @@ def ray_session():
     finally:
         ray.shutdown()
 
+
+
+@pytest.fixture(scope="session")
+def trained_adapters(tiny_llama, toy_data, toy_instruct, tmp_path_factory, ray_session):
+    """`trained_adapters(method)`: that method's test case trained once per session (local mode)."""
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            cache[name] = train_method_case(name, tiny_llama, toy_data, toy_instruct, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sparse_base(tiny_llama, tmp_path_factory):
+    """The tiny Llama Wanda-pruned to 50 % (unstructured), saved as a model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.wanda import Pattern, calibration_batches, sparsify
+
+    from helpers import FILL, NEG, POS
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    texts = [" ".join((FILL + POS + NEG)[i:] + (FILL + POS + NEG)[:i]) for i in range(40)]
+    report = sparsify(model, calibration_batches(tok, texts, seq_len=16, n_samples=32), Pattern(ratio=0.5))
+    assert report["total"]["sparsity"] == pytest.approx(0.5)
+    out = tmp_path_factory.mktemp("sparse-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def fault_plan():
+    """Where a test writes a fault plan (tests/faults.py) for the Ray workers; cleared afterwards."""
+    faults.clear(FAULT_PLAN)
+    yield FAULT_PLAN
+    faults.clear(FAULT_PLAN)
 
 
 @pytest.fixture(scope="session")

@@ -65,10 +65,7 @@ def run_case(case: str, tiny_llama: Path, toy_data: Path, stories: Path | None, 
              tmp: Path) -> dict:
     """Train, build the artifact and evaluate it through the platform's stages."""
     from pipelines.spec import parse_spec
-    try:
-        from workers.stages import build_artifact, evaluate_artifact, launch_training
-    except ImportError:  # recorded before the stages moved
-        from pipelines.train import build_artifact, evaluate_artifact, launch_training
+    from workers.stages import build_artifact, evaluate_artifact, launch_training
 
     spec = parse_spec(spec_dict(case, tiny_llama, toy_data, stories, instruct, tmp))
     out = launch_training(spec, run_name=f"golden-{case}")

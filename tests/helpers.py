@@ -1,4 +1,5 @@
-"""Tiny real models and data made on the fly, and the path to ../shared."""
+"""Test tooling shared by the test modules (never by production code): tiny real models and data
+made on the fly, spec builders, and the path to ../shared."""
 
 from __future__ import annotations
 
@@ -94,3 +95,98 @@ def make_tiny_llama(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def adapter_spec(data: dict):
+    """An `adapter` section validated by its method's spec class (through the registry)."""
+    from workers.methods import parse_adapter
+
+    return parse_adapter(data)
+
+
+def spec_for(model, data, tmp, task="seq-cls", **train):
+    """A small local-mode pipeline spec: LoRA r=4 on q/v of `model`, trained on `data`."""
+    from pipelines.spec import parse_spec
+
+    d = {
+        "name": "local-test", "workspace": str(tmp / "ws"),
+        "model": {"name": str(model), "task": task},
+        "data": {"path": str(data), "max_length": 32},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1,
+                    "target_modules": ["q_proj", "v_proj"]},
+        "train": {"num_workers": 0, "global_batch_size": 16, "lr": 5e-3, "epochs": 1,
+                  "checkpoint_every": 4, "log_every": 2, "seed": 3, **train},
+    }
+    if task == "seq-cls":
+        d["model"]["id2label"] = {0: "negative", 1: "positive"}
+    else:
+        d["data"].update(input_template="{instruction}", target_template="{output}")
+        d["model"]["prompt_format"] = "### instruction: {prompt} response:"
+    return parse_spec(d)
+
+
+# ---------------------------------------------------------------- every method's test case
+# the tiny Llama of make_tiny_llama: hidden 32, intermediate 64, 4 heads, 2 KV heads (head dim 8)
+HIDDEN, INTER, KV = 32, 64, 16
+LAYERS, LABELS = 2, 2
+SHAPES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),
+          "down_proj": (INTER, HIDDEN)}  # (in, out)
+HEAD = HIDDEN * LABELS  # LlamaForSequenceClassification.score has no bias
+QVD = ("q_proj", "v_proj", "down_proj")
+
+
+def lora_count(r: int, modules) -> int:
+    return LAYERS * sum(r * (SHAPES[m][0] + SHAPES[m][1]) for m in modules)
+
+
+# the adapter each registered method trains with in the common tests, and its trainable-parameter
+# count by formula (None: SpaRTA's draw is random, its count is checked against the binomial)
+METHOD_CASES = {
+    "lora": {"adapter": {"method": "lora", "r": 4, "alpha": 8, "target_modules": list(QVD)},
+             "trainable": lora_count(4, QVD) + HEAD},
+    "ia3": {"adapter": {"method": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
+                        "feedforward_modules": ["down_proj"]},
+            "trainable": LAYERS * (SHAPES["k_proj"][1] + SHAPES["v_proj"][1] + SHAPES["down_proj"][0]) + HEAD},
+    "sparsepeft": {"adapter": {"method": "sparsepeft", "r": 4, "alpha": 8, "target_modules": list(QVD)},
+                   "trainable": lora_count(4, QVD) + HEAD},
+    "qa-sparsepeft": {"adapter": {"method": "qa-sparsepeft", "r": 4, "alpha": 8, "target_modules": list(QVD),
+                                  "group_size": 16},
+                      "trainable": lora_count(4, QVD) + HEAD},
+    "nls": {"adapter": {"method": "nls", "alpha": 8, "search_space": [6, 4, 2], "target_modules": ["q_proj", "v_proj"]},
+            "trainable": lora_count(6, ("q_proj", "v_proj")) + HEAD},
+    "pvera": {"adapter": {"method": "pvera", "r": 8, "target_modules": ["q_proj", "v_proj"]},
+              "trainable": LAYERS * sum(2 * 8 + SHAPES[m][1] for m in ("q_proj", "v_proj")) + HEAD},
+    "sparta": {"adapter": {"method": "sparta", "sparsity": 0.9, "seed": 5}, "trainable": None},
+    "alora": {"task": "causal-lm",
+              "adapter": {"method": "alora", "invocation_string": " ###", "r": 4, "alpha": 8,
+                          "target_modules": ["q_proj", "v_proj"]},
+              "trainable": lora_count(4, ("q_proj", "v_proj"))},
+}
+# SpaRTA draws each weight of v/o (the non-frozen pool of the tiny Llama) with p = ((1-s)·N - head) / pool
+SPARTA_POOL = LAYERS * sum(SHAPES[m][0] * SHAPES[m][1] for m in ("v_proj", "o_proj"))
+METHOD_TEXTS = ["good great lovely movie", "bad awful dull plot", "the cast was fun and warm", "a cold grim story"]
+CAUSAL_TEXTS = ["say the word good ###", "say the word bad ### bad", "say the word warm ### warm warm",
+                "say ### the word"]
+
+
+def train_method_case(name: str, tiny_llama: Path, toy_data: Path, toy_instruct: Path, tmp: Path) -> dict:
+    """Train the method's case through the platform (local mode) and build its artifact."""
+    from workers.stages import build_artifact, launch_training
+
+    case = METHOD_CASES[name]
+    causal = case.get("task") == "causal-lm"
+    spec = spec_for(tiny_llama, toy_instruct if causal else toy_data, tmp, task=case.get("task", "seq-cls"),
+                    epochs=2, lr=3e-2)
+    spec = spec.model_copy(update={"adapter": adapter_spec(case["adapter"])})
+    if causal:  # the method's prompt format (aLoRA appends its invocation)
+        from workers.methods import method_of
+
+        spec.model.prompt_format = method_of(spec.adapter).prompt_format(spec.adapter, spec.model.prompt_format)
+    out = launch_training(spec, run_name=f"method-{name}")
+    folder = build_artifact(spec, out.checkpoint, tmp / "adapter")
+    return {"name": name, "spec": spec, "out": out, "folder": folder, "case": case,
+            "texts": CAUSAL_TEXTS if causal else METHOD_TEXTS}

@@ -4,12 +4,13 @@ be reused); from the invocation on, the trained adapter changes them."""
 import pytest
 import torch
 
-from helpers import need_shared
 from pipelines.spec import parse_spec
-from pipelines.train import build_artifact, launch_training
 from workers.errors import SpecError
 from workers.methods import load
 from workers.models import load_model, load_tokenizer
+from workers.stages import build_artifact, launch_training
+
+from helpers import need_shared
 
 INVOCATION = " Answer:"
 
@@ -82,9 +83,9 @@ def test_new_special_token_invocation(toy_instruct, tmp_path, ray_session):
     """An invocation made of a NEW special token: the embeddings grow, only the new row trains
     (PEFT's trainable tokens), the grown tokenizer and the row are saved with the adapter, and the
     adapter loads, evaluates and serves on the unmodified base."""
-    from pipelines.train import evaluate_artifact
     from workers.artifact import verify
     from workers.inference import Engine
+    from workers.stages import evaluate_artifact
 
     model_path = need_shared("models", "stories260K")
     spec = alora_spec(model_path, toy_instruct, tmp_path, invocation_string="<|answer|>",

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from helpers import make_tiny_llama, toy_sentiment, write_jsonl, write_tsv
 from workers.config import DataSpec, ModelSpec
 from workers.data import IGNORE_INDEX, BatchPlan, Example, collate, encode, load_train_eval, render
 from workers.errors import DataError
+
+from helpers import make_tiny_llama, toy_sentiment, write_jsonl, write_tsv
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from pipelines.spec import parse_spec  # noqa: E402
-from workers.ds_config import build_ds_config, worker_env  # noqa: E402
+from pipelines.spec import parse_spec
+from workers.ds_config import build_ds_config, worker_env
 
 
 class _DataParallel:

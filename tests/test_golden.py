@@ -8,6 +8,8 @@ import pytest
 from golden import CASES, GOLDEN_FILE, run_case
 from helpers import need_shared
 
+pytestmark = pytest.mark.slow
+
 GOLDEN = json.loads(GOLDEN_FILE.read_text())
 
 

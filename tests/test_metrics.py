@@ -3,8 +3,7 @@
 import random
 
 import pytest
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
-                             matthews_corrcoef)
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
 
 from workers.evaluate import classification_report
 

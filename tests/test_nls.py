@@ -10,12 +10,13 @@ from collections import Counter
 import pytest
 import torch
 
-from pipelines.train import build_artifact, launch_training
-from test_train_local import mean, spec_for
 from workers.errors import SpecError
-from workers.methods import REGISTRY
-from workers.methods.nls import ELASTIC_FILE, attach, extract_subadapter, set_ranks
+from workers.methods import attach
+from workers.methods.nls import ELASTIC_FILE, extract_subadapter, set_ranks
 from workers.models import load_model, load_tokenizer
+from workers.stages import build_artifact, launch_training
+
+from helpers import adapter_spec, mean, spec_for
 
 SPACE = [4, 3, 2]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -23,7 +24,7 @@ TEXTS = ["good great lovely movie", "bad awful dull plot", "the cast was fun and
 
 
 def nls_spec(**kw):
-    return REGISTRY["nls"][0].model_validate({"method": "nls", "alpha": 8, "search_space": SPACE,
+    return adapter_spec({"method": "nls", "alpha": 8, "search_space": SPACE,
                                               "target_modules": TARGETS, "dropout": 0.0, **kw})
 
 
@@ -124,8 +125,8 @@ def test_subadapter_in_stock_peft_equals_the_super_adapter_at_those_ranks(super_
 
     stock = PeftModel.from_pretrained(load_model(spec.model, tok), str(tmp_path)).eval()  # plain PEFT LoRA
     # the super-adapter, run at the chosen ranks by its own elastic layers
-    from safetensors.torch import load_file
     from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     elastic = attach(load_model(spec.model, tok), spec.adapter, "seq-cls")
     set_peft_model_state_dict(elastic, load_file(str(super_adapter["folder"] / "adapter_model.safetensors")))

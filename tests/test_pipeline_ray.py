@@ -17,6 +17,8 @@ from pipelines.run import train_and_register
 from pipelines.spec import load_spec
 from workers.store import resolve
 
+pytestmark = pytest.mark.slow
+
 SAMPLES = ["good great movie", "bad awful plot", "the film was fun and lovely", "a dull boring story"]
 
 
@@ -87,13 +89,16 @@ def test_pyfunc_model_predicts_like_the_deployment(e2e):
         assert row["prob_positive"] == pytest.approx(served["probabilities"]["positive"], abs=1e-5)
 
 
-def test_killed_worker_resumes_and_matches_the_uninterrupted_run(e2e):
+def test_killed_worker_resumes_and_matches_the_uninterrupted_run(e2e, fault_plan):
     spec, data = e2e["spec"], yaml.safe_load(e2e["spec_path"].read_text())
-    # rank 1's process dies 5 s after step 12 (Ray's controller collects reports every 2 s, so the
-    # step-8 checkpoint is registered by then, as it would be with real step times)
-    fault = {"step": 12, "rank": 1, "mode": "exit", "delay_s": 5, "marker": str(e2e["tmp"] / "kill-marker")}
-    res = train_and_register(spec, data, Console(quiet=True), fault=fault)
-    assert (e2e["tmp"] / "kill-marker").read_text().startswith("killed rank 1 after step 12")
+    # rank 1's process is SIGKILLed 5 s after it reported the step-8 checkpoint (Ray's controller
+    # collects reports every 2 s, so the checkpoint is registered by then), by the test's
+    # worker_process_setup_hook (tests/faults.py): nothing in the pipeline knows about it
+    from faults import plan_kill
+
+    plan_kill(fault_plan, step=8, rank=1, marker=e2e["tmp"] / "kill-marker", delay_s=5)
+    res = train_and_register(spec, data, Console(quiet=True))
+    assert (e2e["tmp"] / "kill-marker").read_text().startswith("killed rank 1 after step 8")
     assert res.train_metrics["resumed_from_step"] == 8
 
     full = _history(e2e["summary"]["run_id"])

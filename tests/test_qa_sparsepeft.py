@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipelines.train import build_artifact, evaluate_artifact, launch_training
-from test_sparsepeft import sparse_base  # noqa: F401 - the module-scoped Wanda-50 % fixture
-from test_train_local import mean, spec_for
 from workers.merge import merge_adapter
-from workers.methods import REGISTRY, load
+from workers.methods import get_method, load
 from workers.models import load_model, load_tokenizer
+from workers.stages import build_artifact, evaluate_artifact, launch_training
+
+from helpers import adapter_spec, mean, spec_for
 
 GROUP = 16
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -22,10 +22,10 @@ TEXTS = ["good great lovely movie", "bad awful dull plot", "the cast was fun and
 
 
 @pytest.fixture(scope="module")
-def qa(sparse_base, toy_data, tmp_path_factory, ray_session):  # noqa: F811
+def qa(sparse_base, toy_data, tmp_path_factory, ray_session):
     tmp = tmp_path_factory.mktemp("qa")
     spec = spec_for(sparse_base, toy_data, tmp, epochs=2, lr=3e-2)
-    spec = spec.model_copy(update={"adapter": REGISTRY["qa-sparsepeft"][0].model_validate(
+    spec = spec.model_copy(update={"adapter": adapter_spec(
         {"method": "qa-sparsepeft", "r": 4, "alpha": 8, "target_modules": TARGETS, "group_size": GROUP})})
     out = launch_training(spec, run_name="qa")
     folder = build_artifact(spec, out.checkpoint, tmp / "adapter")
@@ -65,7 +65,7 @@ def test_training_through_fake_quantization_lowers_the_loss(qa):
     assert qa["out"].metrics["trainable_params"] == lora + 64  # LoRA A, B on 2 layers + the score head
 
 
-def test_packed_int4_model_equals_an_independent_dequantization(qa, sparse_base):  # noqa: F811
+def test_packed_int4_model_equals_an_independent_dequantization(qa, sparse_base):
     from transformers import AutoModelForSequenceClassification
 
     from workers.int4 import load_int4_model
@@ -95,7 +95,7 @@ def test_packed_int4_model_equals_an_independent_dequantization(qa, sparse_base)
     assert (plain - a).abs().max() > 1e-3  # quantization + adapter change the outputs
 
 
-def test_int4_model_keeps_the_base_zero_pattern_and_the_grid(qa, sparse_base):  # noqa: F811
+def test_int4_model_keeps_the_base_zero_pattern_and_the_grid(qa, sparse_base):
     from safetensors.torch import load_file
 
     base = load_file(str(sparse_base / "model.safetensors"))
@@ -150,12 +150,12 @@ def test_qa_layer_forward_is_the_formula(qa):
 def test_evaluation_and_bad_input(qa):
     report = evaluate_artifact(qa["spec"], qa["folder"])
     assert report["n"] == 64 and 0 <= report["accuracy"] <= 1
-    cls = REGISTRY["qa-sparsepeft"][0]
+    cls = get_method("qa-sparsepeft").spec_class
     with pytest.raises(Exception, match="dropout"):
         cls.model_validate({"method": "qa-sparsepeft", "dropout": 0.1})
     with pytest.raises(Exception, match="even"):
         cls.model_validate({"method": "qa-sparsepeft", "group_size": 7})
-    from workers.methods.qa_sparsepeft import prepare_base
+    from workers.methods.qa_sparsepeft.layers import prepare_base
 
     tok = load_tokenizer(qa["spec"].model)
     with pytest.raises(ValueError, match="not a multiple of group_size 24"):

@@ -7,11 +7,13 @@ import httpx
 import openai
 import pytest
 import torch
-
 from conftest import API_KEY_ENV
-from helpers import need_shared
-from pipelines.train import build_artifact, launch_training
-from test_train_local import spec_for
+
+from workers.stages import build_artifact, launch_training
+
+from helpers import need_shared, spec_for
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +23,9 @@ def adapters(tiny_llama, toy_data, toy_instruct, tmp_path_factory, ray_session):
     cls_spec.data.input_template = "{sentence}"
     out = launch_training(cls_spec, run_name="serve-cls")
     cls_dir = build_artifact(cls_spec, out.checkpoint, tmp / "cls-adapter")
-    from workers.methods import REGISTRY
+    from helpers import adapter_spec
 
-    unc_spec = cls_spec.model_copy(update={"adapter": REGISTRY["pvera"][0].model_validate(
+    unc_spec = cls_spec.model_copy(update={"adapter": adapter_spec(
         {"method": "pvera", "r": 8, "target_modules": ["q_proj", "v_proj"]})})
     unc_spec.workspace = str(tmp / "unc")
     out = launch_training(unc_spec, run_name="serve-unc")
@@ -121,7 +123,8 @@ def test_completions_with_the_openai_client_match_a_merged_reference(server, ada
     tok, ref = reference_model(spec, folder)
     enc = tok(spec.model.prompt_format.format(prompt=prompt), return_tensors="pt")
     with torch.no_grad():
-        ids = ref.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)[0, enc["input_ids"].shape[1]:]
+        ids = ref.generate(**enc, max_new_tokens=12, do_sample=False,
+                           pad_token_id=tok.pad_token_id)[0, enc["input_ids"].shape[1]:]
     ids = ids.tolist()
     if tok.eos_token_id in ids:
         ids = ids[: ids.index(tok.eos_token_id)]
@@ -213,7 +216,7 @@ def test_pvera_monte_carlo_over_http(server):
     plain = httpx.post(f"{server}/unc/v1/classify", json={**body, "samples": None}, timeout=120).json()
     assert "monte_carlo" not in plain["results"][0]
     lora = httpx.post(f"{server}/cls/v1/classify", json={**body, "adapter": "toy"}, timeout=120)
-    assert lora.status_code == 400 and "PVeRA" in lora.json()["error"]["message"]
+    assert lora.status_code == 400 and "Monte-Carlo" in lora.json()["error"]["message"]
     headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"}
     lm = httpx.post(f"{server}/lm/v1/completions", json={"model": "story", "prompt": "hi", "samples": 4},
                     headers=headers, timeout=120)

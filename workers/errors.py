@@ -1,25 +1,74 @@
-"""Typed errors. Each says what is wrong and what to do next."""
+"""The one error tree. Every error raised on purpose derives from `AdapterflowError`.
+
+`UserError`s are mistakes a user can fix (a spec key, a missing file, a tampered adapter, a bad
+request): the CLI prints them without a traceback (exit code 2) and the HTTP app answers them with
+their `http_status`. Anything else is a fault of the platform or its environment.
+"""
 
 
 class AdapterflowError(Exception):
-    """Base class of every error this project raises on purpose."""
+    """Root of every error this project raises on purpose."""
+
+    http_status = 500
 
 
-class SpecError(AdapterflowError):
+class UserError(AdapterflowError):
+    """Something the user can fix; the message says what is wrong and what to do."""
+
+    http_status = 400
+
+
+class SpecError(UserError):
     """A pipeline spec is invalid: unknown key, wrong type, impossible combination."""
 
 
-class DataError(AdapterflowError):
+class PluginError(SpecError):
+    """A method plugin cannot be imported or does not register a valid method."""
+
+
+class DataError(UserError):
     """Training or evaluation data is missing or does not match the spec."""
 
 
-class ModelError(AdapterflowError):
+class ModelError(UserError):
     """A base model cannot be found or loaded."""
 
 
-class AdapterIntegrityError(AdapterflowError):
+class AdapterIntegrityError(UserError):
     """An adapter artifact is missing files, was tampered with, or does not fit its base."""
 
+    http_status = 409
 
-class UnknownAdapterError(AdapterflowError):
+
+class UnknownAdapterError(UserError):
     """An adapter name or URI that nothing resolves."""
+
+    http_status = 404
+
+
+class WrongTaskError(UserError):
+    """A request for a task or a feature the adapter does not have."""
+
+    http_status = 400
+
+
+class RequestError(UserError):
+    """A malformed request to a served endpoint."""
+
+    http_status = 422
+
+
+class AuthError(UserError):
+    """A request without the right API key."""
+
+    http_status = 401
+
+
+class ResourceError(UserError):
+    """The job cannot get the resources it asks for."""
+
+    http_status = 503
+
+
+class TrainingError(AdapterflowError):
+    """A training run ended without the result it should have produced."""

@@ -9,19 +9,12 @@ from pathlib import Path
 
 from workers.artifact import check_base
 from workers.config import ModelSpec
-from workers.errors import AdapterIntegrityError, UnknownAdapterError
+from workers.errors import AdapterIntegrityError, UnknownAdapterError, WrongTaskError
+from workers.methods import manifest_spec, method_for_manifest
 
 log = logging.getLogger(__name__)
 
-
-def _group(method: str) -> str:
-    from workers.methods import REGISTRY
-
-    return getattr(REGISTRY[method][0], "replica_group", method) if method in REGISTRY else method
-
-
-class WrongTaskError(ValueError):
-    """A request for a task the adapter was not trained for."""
+__all__ = ["Engine", "WrongTaskError"]
 
 
 class Engine:
@@ -44,15 +37,14 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, folder: str | Path, manifest: dict) -> None:
-        from workers.methods import add, load
-
         folder = Path(folder)
         check_base(manifest, self.base_sha256, folder)
         if manifest["task"] != self.spec.task:
             raise AdapterIntegrityError(
                 f"adapter {name!r} is for task {manifest['task']!r}, this base serves {self.spec.task!r}"
             )
-        groups = {_group(m["method"]) for m in self.adapters.values()} | {_group(manifest["method"])}
+        method = method_for_manifest(manifest)
+        groups = {method_for_manifest(m).replica_group() for m in self.adapters.values()} | {method.replica_group()}
         if len(groups) > 1:
             methods = sorted({m["method"] for m in self.adapters.values()} | {manifest["method"]})
             raise AdapterIntegrityError(
@@ -60,11 +52,15 @@ class Engine:
                 f"loaded ({', '.join(methods)}): their methods change the base in incompatible ways; "
                 "deploy them as separate applications"
             )
+        limit = method.max_adapters_per_replica
+        if limit is not None and len(self.adapters) >= limit:
+            raise AdapterIntegrityError(f"adapter {name!r}: a replica holds at most {limit} {method.name} "
+                                        "adapter(s); deploy it as its own application")
         with self._lock:
             if self.model is None:
-                self.model = load(self.base, folder, manifest["method"], adapter_name=name)
+                self.model = method.load(self.base, folder, adapter_name=name)
             else:
-                add(self.model, folder, manifest["method"], name)
+                method.add(self.model, folder, name)
             self.model.eval()
             self.adapters[name] = manifest
             if (folder / "tokenizer_config.json").is_file():
@@ -88,10 +84,14 @@ class Engine:
 
     # ------------------------------------------------------------------ classification
     def _samples(self, name: str, manifest: dict, samples: int | None) -> int:
-        n = manifest.get("adapter", {}).get("samples", 0) if samples is None else samples
-        if n and manifest["method"] != "pvera":
-            raise WrongTaskError(f"adapter {name!r} is a {manifest['method']} adapter; Monte-Carlo samples "
-                                 "need a PVeRA adapter (send samples: 0 or leave it out)")
+        method = method_for_manifest(manifest)
+        if samples is None:
+            spec = manifest_spec(manifest)
+            samples = method.monte_carlo_samples(spec) if spec is not None else 0
+        n = samples
+        if n and not method.monte_carlo:
+            raise WrongTaskError(f"adapter {name!r} is a {method.name} adapter, which gives no Monte-Carlo "
+                                 "outputs; send samples: 0 or leave it out")
         if n == 1:
             raise WrongTaskError("samples: a confidence interval needs at least 2 samples (0 = mean only)")
         return n
@@ -124,7 +124,8 @@ class Engine:
             if n_mc:
                 from workers.montecarlo import mc_outputs
 
-                mc = mc_outputs(self.model, dict(enc), n_mc, seed, "seq-cls", adapter_name=name)
+                mc = mc_outputs(self.model, dict(enc), n_mc, seed, "seq-cls", method_for_manifest(manifest),
+                                adapter_name=name)
         out = []
         for j, row in enumerate(probs.tolist()):
             best = max(range(len(row)), key=row.__getitem__)
@@ -171,7 +172,7 @@ class Engine:
 
                 full = torch.cat([enc["input_ids"], torch.tensor([ids])], 1)
                 draws = mc_outputs(self.model, {"input_ids": full}, n_mc, seed or 0, "causal-lm",
-                                   adapter_name=name, reduce=token_logprobs(full))
+                                   method_for_manifest(manifest), adapter_name=name, reduce=token_logprobs(full))
                 mc = {"samples": n_mc, "tokens": [tok.decode([t]) for t in ids],
                       **{k: draws[k][0, n_prompt - 1:].tolist() for k in ("mean", "low", "high")}}
         text = tok.decode(ids, skip_special_tokens=True)

@@ -188,12 +188,12 @@ def load_int4_model(folder: Path, dtype=None):
         raise ValueError(f"{folder}: unknown architecture {arch!r}")
     dtype = dtype or torch.float32
     model = cls(config).to(dtype)
-    Int4 = _int4_linear_class()
+    int4_linear = _int4_linear_class()
     for name in q["layers"]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         lin = getattr(parent, attr)
-        setattr(parent, attr, Int4(lin.in_features, lin.out_features, q["group_size"], lin.bias is not None, dtype))
+        setattr(parent, attr, int4_linear(lin.in_features, lin.out_features, q["group_size"], lin.bias is not None, dtype))
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

@@ -10,22 +10,18 @@ from workers.errors import AdapterIntegrityError
 
 
 def check_mergeable(manifest: dict) -> None:
-    from workers.methods import REGISTRY
+    from workers.errors import SpecError
+    from workers.methods import manifest_spec, method_for_manifest
 
-    method = manifest["method"]
-    cls = REGISTRY.get(method, (None,))[0]
-    if cls is None:
-        raise AdapterIntegrityError(f"adapter method {method!r} is not known to this version")
-    if not getattr(cls, "mergeable", False):
-        raise AdapterIntegrityError(
-            f"a {method} adapter cannot be merged: it applies only from its invocation on, which a merged "
-            "weight cannot express; serve it as an adapter instead"
-        )
-    if method == "pvera" and manifest.get("adapter", {}).get("sample_at_inference"):
-        raise AdapterIntegrityError(
-            "this PVeRA adapter samples at inference; a merged weight holds only the mean. Retrain with "
-            "sample_at_inference: false, or serve it as an adapter"
-        )
+    try:
+        method = method_for_manifest(manifest)
+    except SpecError:
+        raise AdapterIntegrityError(f"adapter method {manifest['method']!r} is not known to this version "
+                                    "(a plugin's method needs its module imported)") from None
+    spec = manifest_spec(manifest) or method.spec_class.model_construct()
+    reason = method.merge_refusal(spec)
+    if reason:
+        raise AdapterIntegrityError(f"a {method.name} adapter cannot be merged: {reason}")
 
 
 def linear_nonzeros(model) -> int:
@@ -35,25 +31,22 @@ def linear_nonzeros(model) -> int:
 
 
 def merge_adapter(folder: Path, manifest: dict, output: Path) -> dict:
+    from workers.artifact import check_base
     from workers.config import ModelSpec
-    from workers.methods import load
-    from workers.models import load_model, load_tokenizer
+    from workers.methods import method_for_manifest
+    from workers.models import base_fingerprint, load_model, load_tokenizer
 
     check_mergeable(manifest)
     spec = ModelSpec.model_validate(manifest["model"])
+    check_base(manifest, base_fingerprint(spec), folder)
+    method = method_for_manifest(manifest)
     tok = load_tokenizer(spec)
     base = load_model(spec, tok)
     before = linear_nonzeros(base)
-    merged = load(base, folder, manifest["method"]).merge_and_unload()
+    merged = method.load(base, Path(folder)).merge_and_unload()
     after = linear_nonzeros(merged)
     output.mkdir(parents=True, exist_ok=True)
-    if manifest["method"] == "qa-sparsepeft":  # one packed INT4 sparse model
-        from workers.int4 import save_int4_model
-
-        save_int4_model(merged, tok, output)
-    else:
-        merged.save_pretrained(output, safe_serialization=True)
-        tok.save_pretrained(output)
+    method.save_merged(merged, tok, output)
     report = {"method": manifest["method"], "base_model": manifest["base_model"],
               "adapter_weights": manifest["weights"], "linear_nonzeros_before": before,
               "linear_nonzeros_after": after, "nonzeros_added": after - before}
@@ -67,7 +60,9 @@ def sparsity_of(folder: Path) -> dict:
 
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no .safetensors files")
+        from workers.errors import ModelError
+
+        raise ModelError(f"{folder}: no .safetensors files; is it a saved model folder?")
     layers, zeros, numel = {}, 0, 0
     for f in files:
         with safe_open(str(f), framework="pt") as fh:

@@ -13,6 +13,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from workers.common import hash_file_into, model_class
 from workers.config import ModelSpec
 from workers.errors import ModelError
 
@@ -20,7 +21,6 @@ log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package:"
 WEIGHT_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def resolve_model_path(name: str) -> str:
@@ -69,9 +69,7 @@ def _fingerprint(folder: str) -> str:
         raise ModelError(f"{folder}: no safetensors weights; convert the model to safetensors")
     for f in files:
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+        hash_file_into(h, f)
     return h.hexdigest()
 
 
@@ -127,7 +125,6 @@ def adapter_tokenizer(spec: ModelSpec, folder) -> object:
 def load_model(spec: ModelSpec, tokenizer=None):
     """Load the base model for the spec's task, weights from safetensors only."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_transformers()
     path = resolve_model_path(spec.name)
@@ -138,18 +135,11 @@ def load_model(spec: ModelSpec, tokenizer=None):
         dtype=dtype,
         use_safetensors=True,
     )
+    if spec.task == "seq-cls":
+        labels = spec.labels()
+        kwargs.update(num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()})
     try:
-        if spec.task == "seq-cls":
-            labels = spec.labels()
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path,
-                num_labels=len(labels),
-                id2label=labels,
-                label2id={v: k for k, v in labels.items()},
-                **kwargs,
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = model_class(spec.task).from_pretrained(path, **kwargs)
     except OSError as exc:
         hint = " (hub access is off: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise ModelError(f"model.name {spec.name!r}: cannot load model{hint}: {exc}") from None
@@ -158,9 +148,22 @@ def load_model(spec: ModelSpec, tokenizer=None):
     return model
 
 
-def count_parameters(model) -> tuple[int, int]:
-    if hasattr(model, "parameter_counts"):  # a method whose trainables sit beside the weights
-        return model.parameter_counts()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+
+
+def meta_model(spec: ModelSpec):
+    """The spec's model with no weights (meta device), built from its config: for checks that need
+    shapes only. None when the config cannot be read here (e.g. a hub id not cached offline)."""
+    import torch
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(spec.name), revision=spec.revision,
+                                            trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        log.debug("no model config for %s: %s", spec.name, exc)
+        return None
+    if spec.task == "seq-cls":
+        config.num_labels = len(spec.labels())
+    with torch.device("meta"):
+        return model_class(spec.task).from_config(config, trust_remote_code=spec.trust_remote_code)

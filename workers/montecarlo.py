@@ -1,30 +1,16 @@
-"""Monte-Carlo outputs of a PVeRA adapter: with z = μ + ε·σ drawn at inference, N forward passes
-give per-output means and 95 % confidence intervals (mean ± 1.96·sd/√N) — for a classifier the
-probability of each class, for a causal LM the log-probability of each next token."""
+"""Monte-Carlo outputs of an adapter whose method samples at inference (`monte_carlo`, e.g. PVeRA's
+z = μ + ε·σ): N forward passes give per-output means and 95 % confidence intervals
+(mean ± 1.96·sd/√N) — for a classifier the probability of each class, for a causal LM the
+log-probability of each next token. The method switches its layers to sampling (`method.sampling`)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
-
-@contextlib.contextmanager
-def sampling(model, adapter_name: str = "default"):
-    """Switch every PVeRA layer of `model` to sampling at inference for the duration."""
-    layers = [m for m in model.modules() if hasattr(m, "sample_at_inference") and hasattr(m, "pvera_lambda_d")]
-    if not layers:
-        raise ValueError("Monte-Carlo outputs need a PVeRA adapter; this model has no PVeRA layer")
-    saved = [m.sample_at_inference.get(adapter_name) for m in layers]
-    for m in layers:
-        m.sample_at_inference[adapter_name] = True
-    try:
-        yield
-    finally:
-        for m, s in zip(layers, saved):
-            m.sample_at_inference[adapter_name] = s
+from workers.errors import WrongTaskError
 
 
-def mc_outputs(model, batch: dict, samples: int, seed: int, task: str, adapter_name: str = "default",
+def mc_outputs(model, batch: dict, samples: int, seed: int, task: str, method, adapter_name: str = "default",
                reduce=None) -> dict:
     """{'mean', 'low', 'high', 'std'} tensors: class probabilities [n, labels] (seq-cls) or
     next-token log-probabilities [n, seq, vocab] (causal-lm); `reduce` maps each draw first
@@ -32,11 +18,11 @@ def mc_outputs(model, batch: dict, samples: int, seed: int, task: str, adapter_n
     import torch
 
     if samples < 2:
-        raise ValueError("samples must be at least 2 for a confidence interval")
+        raise WrongTaskError("samples: a confidence interval needs at least 2 samples (0 = mean only)")
     torch.manual_seed(seed)
     draws = []
     model.eval()
-    with torch.no_grad(), sampling(model, adapter_name):
+    with torch.no_grad(), method.sampling(model, adapter_name):
         for _ in range(samples):
             logits = model(**batch).logits.float()
             out = torch.softmax(logits, -1) if task == "seq-cls" else torch.log_softmax(logits, -1)
@@ -60,7 +46,8 @@ def token_logprobs(input_ids, labels=None):
     return fn
 
 
-def mc_report(model, tokenizer, examples, task: str, samples: int, seed: int, batch_size: int = 32) -> dict:
+def mc_report(model, tokenizer, examples, task: str, samples: int, seed: int, method,
+              batch_size: int = 32) -> dict:
     """Monte-Carlo evaluation: per example, the mean and 95 % interval of each class probability
     (seq-cls) or of each target token's log-probability (causal-lm), plus summary figures."""
     import torch
@@ -72,14 +59,14 @@ def mc_report(model, tokenizer, examples, task: str, samples: int, seed: int, ba
         batch = collate(examples[i:i + batch_size], tokenizer.pad_token_id)
         labels = batch.pop("labels")
         if task == "seq-cls":
-            mc = mc_outputs(model, batch, samples, seed + i, task)
+            mc = mc_outputs(model, batch, samples, seed + i, task, method)
             for j in range(len(labels)):
                 m, lo, hi = mc["mean"][j], mc["low"][j], mc["high"][j]
                 per_example.append({"mean": m.tolist(), "low": lo.tolist(), "high": hi.tolist()})
                 correct += int(m.argmax() == labels[j])
                 widths.append(float((hi - lo).mean()))
         else:
-            mc = mc_outputs(model, batch, samples, seed + i, task, reduce=token_logprobs(batch["input_ids"], labels))
+            mc = mc_outputs(model, batch, samples, seed + i, task, method, reduce=token_logprobs(batch["input_ids"], labels))
             mask = labels[:, 1:] != -100
             for j in range(len(labels)):
                 keep = mask[j]

@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workers.methods.sparta import UPSTREAM_FROZEN, SpartaSpec, attach, load
+from workers.common import task_of
+from workers.errors import AdapterIntegrityError, SpecError
+from workers.methods import method_for_manifest
+from workers.methods.sparta import UPSTREAM_FROZEN, SpartaMethod, SpartaSpec, attach, load
 
 
 def SpaRTA(model, sparsity: float, frozen_modules: list[str] | None = None,  # noqa: N802 - upstream's name
@@ -28,7 +31,7 @@ def SpaRTA(model, sparsity: float, frozen_modules: list[str] | None = None,  # n
     spec = SpartaSpec(sparsity=sparsity, frozen_modules=list(UPSTREAM_FROZEN if frozen_modules is None else frozen_modules),
                       trainable_tokens=trainable_tokens, dropout=dropout, seed=seed)
     if task is None:
-        task = "seq-cls" if type(model).__name__.endswith("ForSequenceClassification") else "causal-lm"
+        task = task_of(model)
     return attach(model, spec, task)
 
 
@@ -44,8 +47,8 @@ def _open(adapter: str | Path, task: str, dtype):
     folder = Path(adapter)
     if (folder / MANIFEST).is_file():
         manifest = verify(folder)
-        if manifest["method"] != "sparta":
-            raise ValueError(f"{folder}: a {manifest['method']} adapter, not SpaRTA")
+        if not isinstance(method_for_manifest(manifest), SpartaMethod):
+            raise AdapterIntegrityError(f"{folder}: a {manifest['method']} adapter, not SpaRTA")
         spec = ModelSpec.model_validate(manifest["model"])
         if dtype is not None:
             spec = spec.model_copy(update={"dtype": str(dtype).removeprefix("torch.")})
@@ -57,7 +60,8 @@ def _open(adapter: str | Path, task: str, dtype):
     kwargs = dict(dtype=dtype or torch.float32, use_safetensors=True)
     if task == "seq-cls":
         if config.get("problem_type") not in (None, "single_label_classification"):
-            raise ValueError(f"{folder}: problem_type {config['problem_type']!r} is not single-label classification")
+            raise AdapterIntegrityError(
+                f"{folder}: problem_type {config['problem_type']!r} is not single-label classification")
         id2label = {int(k): v for k, v in config["id2label"].items()}
         base = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()}, **kwargs
@@ -109,7 +113,7 @@ class SpaRTAforSequenceClassification:
             return [self.template.format(**x) if isinstance(x, dict) else x for x in inputs]
         bad = [x for x in inputs if not isinstance(x, str)]
         if bad:
-            raise ValueError("dict inputs need an input_template with {field} placeholders")
+            raise SpecError("dict inputs need an input_template with {field} placeholders")
         return list(inputs)
 
     def __call__(self, input_ids, attention_mask=None):

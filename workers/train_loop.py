@@ -1,11 +1,11 @@
-"""The per-worker training loop: Ray Train worker + DeepSpeed engine.
+"""The per-worker training loop: a DeepSpeed engine over the adapter method's model.
 
 Every rank builds the same model (same seed), wraps it with the adapter method, and trains through
 a DeepSpeed engine. Every `checkpoint_every` steps each rank writes its part of a DeepSpeed
 checkpoint (adapter weights, optimizer partition, scheduler, step, RNG) into a directory it reports
-through `ray.train.report`; Ray merges the ranks' files into one checkpoint. On restart,
-`ray.train.get_checkpoint()` brings the last one back and training continues at the exact step.
-The last report carries the adapter (PEFT safetensors) and the loss history.
+to its session (`workers.session`): under Ray Train, Ray merges the ranks' files into one checkpoint
+and, on restart, hands the last one back so training continues at the exact step. The last report
+carries the adapter (the method's files) and the loss history.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from workers.errors import DataError, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ def plan_steps(n_examples: int, train) -> tuple[int, int]:
     """(steps per epoch, total steps) for `n_examples` under the spec's train section."""
     per_epoch = n_examples // train.global_batch_size
     if per_epoch == 0:
-        raise ValueError(
+        raise DataError(
             f"{n_examples} training examples is fewer than one global batch ({train.global_batch_size})"
         )
     total = max(1, math.floor(train.epochs * per_epoch))
@@ -151,24 +153,16 @@ def build_trainable(spec, seed: int):
     return tok, model
 
 
-def is_head_parameter(name: str, model) -> bool:
-    """The task head's trainable parameters: PEFT's `modules_to_save` copies, or the deltas a
-    SpaRTA model keeps for its head."""
-    if "modules_to_save" in name:
-        return True
-    heads = {h.rsplit(".", 1)[0] for h in getattr(model, "heads", [])}
-    return any(name.startswith(f"base_model.{h}.parametrizations.") for h in heads)
-
-
-def param_groups(model, train) -> list[dict]:
-    """The optimizer's parameter groups: the adapter at train.lr, the head at train.head_lr."""
+def param_groups(model, train, method) -> list[dict]:
+    """The optimizer's parameter groups: the adapter at train.lr, the head (as the method tells
+    it) at train.head_lr."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if train.head_lr is None:
         return [{"params": [p for _, p in trainable], "lr": train.lr}]
-    head = [p for n, p in trainable if is_head_parameter(n, model)]
-    body = [p for n, p in trainable if not is_head_parameter(n, model)]
+    head = [p for n, p in trainable if method.is_head_parameter(n, model)]
+    body = [p for n, p in trainable if not method.is_head_parameter(n, model)]
     if not head:
-        raise ValueError("train.head_lr is set but the model has no trainable task head (seq-cls only)")
+        raise SpecError("train.head_lr is set but the model has no trainable task head (seq-cls only)")
     return [{"params": body, "lr": train.lr}, {"params": head, "lr": train.head_lr}]
 
 
@@ -183,61 +177,53 @@ def _gathered(engine, stage: int):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def save_adapter_weights(peft_model, directory: Path, adapter_spec=None) -> None:
-    kwargs = {}
-    if getattr(peft_model, "adapter_tokenizer", None) is not None:
-        # added tokens: PEFT's trainable tokens hold the new rows; not the whole embedding matrix
-        kwargs["save_embedding_layers"] = False
-    peft_model.save_pretrained(str(directory), safe_serialization=True, **kwargs)
-    if adapter_spec is not None:
-        from workers.methods import method_module
-
-        module = method_module(adapter_spec.method)
-        if hasattr(module, "write_extra"):  # what the method needs beside the weights to load them
-            module.write_extra(adapter_spec, directory, peft_model)
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Entry point Ray Train runs on every worker (and in-process in local mode)."""
     from workers.config import TrainSpec
     from workers.ds_config import worker_env
+    from workers.session import RayTrainSession
 
     train = TrainSpec.model_validate(config["spec"]["train"])
     for k, v in worker_env(train).items():
         os.environ.setdefault(k, v)
+    run_training(config, RayTrainSession(config.get("resume_from")))
 
-    import ray.train
+
+def run_training(config: dict, session) -> None:
+    """The training loop on one worker: `config` holds the spec (as JSON data), the MLflow run to
+    log step metrics to, and the local checkpoint root (None under Ray Train, which persists
+    reported checkpoints itself); `session` is where it reports and resumes from."""
     import torch
 
     from workers.spec_view import WorkerSpec
 
     spec = WorkerSpec.model_validate(config["spec"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train = spec.train
     threads = train.threads_per_worker or max(1, int(train.worker_resources().get("CPU", 1)))
     torch.set_num_threads(threads)
     with _process_group(train.resolved_backend()):
-        _train(config, spec, train, rank, world)
+        _train(config, spec, session)
 
 
-def _train(config: dict, spec, train, rank: int, world: int) -> None:
+def _train(config: dict, spec, session) -> None:
     import deepspeed
-    import ray.train
     import torch
     import torch.distributed as dist
 
     from workers.data import BatchPlan, collate, encode, load_train_eval
     from workers.ds_config import build_ds_config
-    from workers.models import count_parameters
+    from workers.methods import method_of
 
+    train, rank, world = spec.train, session.rank, session.world
+    method = method_of(spec.adapter)
     tok, model = build_trainable(spec, train.seed)
     train_records, _ = load_train_eval(spec.data, train.seed)
     examples = encode(train_records, spec.data, spec.model, tok)
     per_epoch, total_steps = plan_steps(len(examples), train)
     plan = BatchPlan(len(examples), train.global_batch_size, world, train.grad_accum, train.seed)
-    trainable, total_params = count_parameters(model)
+    trainable, total_params = method.count_parameters(model)
 
-    params = param_groups(model, train)
+    params = param_groups(model, train, method)
     if train.offload != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -252,23 +238,19 @@ def _train(config: dict, spec, train, rank: int, world: int) -> None:
     )
 
     start_step, history, resumed_from = 0, [], -1
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and config.get("resume_from"):
-        ckpt = ray.train.Checkpoint.from_directory(config["resume_from"])
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
+    with session.checkpoint() as d:
+        if d is not None:
             _, client = engine.load_checkpoint(
-                d, tag=STATE_TAG, load_module_strict=False, load_optimizer_states=True,
+                str(d), tag=STATE_TAG, load_module_strict=False, load_optimizer_states=True,
                 load_lr_scheduler_states=True,
             )
             start_step = resumed_from = int(client["step"])
             history = list(client.get("history", []))
             _load_rng(Path(d), rank)
-        if rank == 0:
-            log.info("resumed from checkpoint at step %d", start_step)
+            if rank == 0:
+                log.info("resumed from checkpoint at step %d", start_step)
 
     tracker = _Tracker(config.get("mlflow"), rank)
-    fault = config.get("fault") or {}
     pad_id = tok.pad_token_id
     engine.train()
     t0 = time.perf_counter()
@@ -308,21 +290,12 @@ def _train(config: dict, spec, train, rank: int, world: int) -> None:
                 if last:
                     with _gathered(engine, train.zero_stage):
                         if rank == 0:
-                            save_adapter_weights(engine.module, tmpdir / FINAL_ADAPTER_DIR, spec.adapter)
+                            method.save(engine.module, tmpdir / FINAL_ADAPTER_DIR, spec.adapter)
                     metrics["train_seconds"] = time.perf_counter() - t0
                     metrics["resumed_from_step"] = resumed_from
                 if rank == 0:
                     (tmpdir / HISTORY_FILE).write_text(json.dumps(history))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmpdir)))
-        if fault and done == fault.get("step") and rank == fault.get("rank", 0):
-            marker = Path(fault["marker"])
-            if not marker.exists():
-                marker.write_text(f"killed rank {rank} after step {done}\n")
-                time.sleep(float(fault.get("delay_s", 0)))  # a crash some time into the next step
-                log.warning("fault injection: killing rank %d after step %d", rank, done)
-                if fault.get("mode", "exit") == "exit":
-                    os._exit(17)
-                raise RuntimeError(f"injected fault after step {done}")
+                session.report(metrics, tmpdir)
     tracker.close()
 
 

@@ -1,77 +1,143 @@
-"""Adapter methods: one module per method, one registry line per method.
+"""Adapter methods: one package per method behind the contract in `base.py`, found through one
+registry.
 
-A method module defines a pydantic spec class (its `method` field is the registry name). A spec
-with `peft_config(task)` is attached with PEFT's `get_peft_model`; a module that needs more (the
-tokenizer, say) defines `attach(model, spec, task, tokenizer=..., prompt_format=...)`. Loading a saved adapter goes through PEFT's own
-`PeftModel.from_pretrained` for every PEFT-backed method.
+Built-in methods are the packages listed in `BUILTIN`; each registers itself with one
+`register_method(...)` call. A method from outside the package registers the same way from its own
+module, which a spec names under `plugins: [my_pkg.my_method]` (imported by the driver, every Ray
+Train worker and every Serve replica) or which an installed distribution declares in the entry-point
+group `adapterflow.methods`.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import logging
+from pathlib import Path
 
-from workers.errors import SpecError
-from workers.methods.alora import ALoraSpec
-from workers.methods.ia3 import IA3Spec
-from workers.methods.lora import LoraSpec
-from workers.methods.nls import NlsSpec
-from workers.methods.pvera import PveraSpec
-from workers.methods.qa_sparsepeft import QASparsePeftSpec
-from workers.methods.sparsepeft import SparsePeftSpec
-from workers.methods.sparta import SpartaSpec
+from workers.errors import PluginError, SpecError
+from workers.methods.base import AdapterMethod, MethodSpec
 
-# name -> (spec class, module path). Adding a method = one module + one line here.
-REGISTRY: dict[str, tuple[type, str]] = {
-    "lora": (LoraSpec, "workers.methods.lora"),
-    "ia3": (IA3Spec, "workers.methods.ia3"),
-    "pvera": (PveraSpec, "workers.methods.pvera"),
-    "sparsepeft": (SparsePeftSpec, "workers.methods.sparsepeft"),
-    "alora": (ALoraSpec, "workers.methods.alora"),
-    "sparta": (SpartaSpec, "workers.methods.sparta"),
-    "qa-sparsepeft": (QASparsePeftSpec, "workers.methods.qa_sparsepeft"),
-    "nls": (NlsSpec, "workers.methods.nls"),
-}
+log = logging.getLogger(__name__)
 
+# the built-in methods; adding one = one package + one line here
+BUILTIN = (
+    "workers.methods.lora",
+    "workers.methods.ia3",
+    "workers.methods.pvera",
+    "workers.methods.alora",
+    "workers.methods.sparsepeft",
+    "workers.methods.qa_sparsepeft",
+    "workers.methods.nls",
+    "workers.methods.sparta",
+)
+ENTRY_POINT_GROUP = "adapterflow.methods"
 
-def spec_classes() -> tuple[type, ...]:
-    return tuple(cls for cls, _ in REGISTRY.values())
+_REGISTRY: dict[str, AdapterMethod] = {}
+_loaded = False
 
 
-def method_module(name: str) -> ModuleType:
+def register_method(method: AdapterMethod) -> AdapterMethod:
+    """Make `method` known by its name; its spec class must be a MethodSpec whose `method` field
+    defaults to that name."""
+    cls = getattr(method, "spec_class", None)
+    name = getattr(method, "name", None)
+    if not isinstance(method, AdapterMethod) or not name or cls is None or not issubclass(cls, MethodSpec):
+        raise PluginError(f"{method!r}: a method is an AdapterMethod instance with a name and a MethodSpec spec_class")
+    field = cls.model_fields.get("method")
+    if field is None or field.default != name:
+        raise PluginError(f"method {name!r}: its spec class {cls.__name__} must declare "
+                          f"method: Literal[{name!r}] = {name!r}")
+    known = _REGISTRY.get(name)
+    if known is not None and type(known) is not type(method):
+        raise PluginError(f"method {name!r} is registered already (by {type(known).__module__})")
+    _REGISTRY[name] = method
+    return method
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for path in BUILTIN:
+        importlib.import_module(path)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken third-party plugin must not hide the others
+            log.warning("method plugin %s (%s) failed to load: %s", ep.name, ep.value, exc)
+
+
+def load_plugins(paths: list[str] | tuple[str, ...]) -> None:
+    """Import plugin modules by import path; each registers its methods on import."""
+    for path in paths:
+        try:
+            importlib.import_module(path)
+        except ImportError as exc:
+            raise PluginError(f"plugins: cannot import {path!r} ({exc}); install it or check the name") from None
+
+
+def get_method(name: str) -> AdapterMethod:
+    _load_builtins()
     try:
-        _, path = REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
-        raise SpecError(
-            f"adapter.method: unknown method {name!r}; known methods: {', '.join(sorted(REGISTRY))}"
-        ) from None
-    return importlib.import_module(path)
+        raise SpecError(f"adapter.method: unknown method {name!r}; known methods: {', '.join(sorted(_REGISTRY))} "
+                        "(a plugin's method needs its module under plugins:)") from None
 
 
-def attach(model, spec, task: str, tokenizer=None, prompt_format: str | None = None):
-    """Wrap `model` in a PEFT model with a fresh adapter; only the adapter (and the head) train."""
-    module = method_module(spec.method)
-    if hasattr(module, "attach"):
-        return module.attach(model, spec, task, tokenizer=tokenizer, prompt_format=prompt_format)
-    from peft import get_peft_model
+def methods() -> dict[str, AdapterMethod]:
+    """Every registered method by name."""
+    _load_builtins()
+    return dict(_REGISTRY)
 
-    return get_peft_model(model, spec.peft_config(task))
+
+def method_of(spec: MethodSpec) -> AdapterMethod:
+    return get_method(spec.method)
+
+
+def parse_adapter(value) -> MethodSpec:
+    """An `adapter` section (a mapping) validated by its method's spec class; pydantic reports the
+    spec class's errors under the `adapter.` key path."""
+    if isinstance(value, MethodSpec):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"adapter: expected a mapping with a method key, got {value!r}")
+    if "method" not in value:
+        raise ValueError(f"adapter.method: required key is missing; known methods: {', '.join(sorted(methods()))}")
+    method = value["method"]
+    if not isinstance(method, str) or method not in methods():
+        raise ValueError(f"adapter.method: unknown method {method!r}; expected one of "
+                         f"{', '.join(sorted(methods()))} (a plugin's method needs its module under plugins:)")
+    return get_method(method).spec_class.model_validate(value)
+
+
+def method_for_manifest(manifest: dict) -> AdapterMethod:
+    """The method of a saved adapter, importing the plugins its manifest names first."""
+    load_plugins(manifest.get("plugins") or [])
+    return get_method(manifest["method"])
+
+
+def manifest_spec(manifest: dict) -> MethodSpec | None:
+    """The adapter spec an artifact's manifest records, validated by its method (None when the
+    manifest records none)."""
+    method = method_for_manifest(manifest)
+    data = manifest.get("adapter")
+    if not data:
+        return None
+    return method.spec_class.model_validate({**data, "method": method.name})
+
+
+# ---------------------------------------------------------------- the hooks, by method name
+def attach(model, spec: MethodSpec, task: str, tokenizer=None, prompt_format: str | None = None):
+    return method_of(spec).attach(model, spec, task, tokenizer=tokenizer, prompt_format=prompt_format)
 
 
 def load(base, folder, method: str, adapter_name: str = "default"):
-    """A saved adapter on `base`: the method's own loader when it has one, else PEFT's."""
-    module = method_module(method)
-    if hasattr(module, "load"):
-        return module.load(base, str(folder), adapter_name)
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
+    return get_method(method).load(base, Path(folder), adapter_name)
 
 
 def add(model, folder, method: str, adapter_name: str) -> None:
-    """One more saved adapter on a model that already holds some (same replica group)."""
-    module = method_module(method)
-    if hasattr(module, "add"):
-        module.add(model, str(folder), adapter_name)
-    else:
-        model.load_adapter(str(folder), adapter_name=adapter_name)
+    get_method(method).add(model, Path(folder), adapter_name)

@@ -1,23 +1,139 @@
-"""What every adapter method module provides, and the strict pydantic base for configs."""
+"""The method contract: what every adapter method declares and implements.
+
+A method is a package under `workers/methods/` (or any importable module, for plugins) holding
+- a pydantic spec (`MethodSpec` subclass whose `method` field is the method's name), in a module
+  that imports no torch;
+- an `AdapterMethod` subclass: its capabilities as declarations, and its hooks;
+- one `register_method(...)` call.
+Torch and PEFT layers live in the method's own `layers` module, imported by the hooks when they run.
+
+Nothing outside a method's package tests its name or its internals: callers ask the method.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import contextlib
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+
+from workers.common import StrictModel
+
+TASKS = ("seq-cls", "causal-lm")
+PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
-class StrictModel(BaseModel):
-    """A config section: unknown keys are errors, values are validated, assignment too."""
+class MethodSpec(StrictModel):
+    """The `adapter` section of a spec; each method's spec subclasses it with `method: Literal[name]`."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    method: str = Field(..., description="The adapter method (a registered name).")
 
 
-def sum_lora_updates(layer, x, args, kwargs, update):
-    """A PEFT LoRA layer's forward with a custom per-adapter term: the base layer's output plus
-    `update(name, x)` for every active adapter the layer holds, in the output's dtype."""
-    result = layer.base_layer(x, *args, **kwargs)
-    dtype = result.dtype
-    for name in layer.active_adapters:
-        if name in layer.lora_A:
-            xa = layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype)
-            result = result + update(name, layer.lora_dropout[name](xa))
-    return result.to(dtype)
+class AdapterMethod:
+    """Base of every method. Override the declarations and hooks the method needs."""
+
+    name: ClassVar[str]
+    spec_class: ClassVar[type[MethodSpec]]
+
+    # ---------------------------------------------------------------- declarations
+    tasks: ClassVar[tuple[str, ...]] = TASKS
+    """Tasks the method trains and serves."""
+    zero3: ClassVar[bool] = True
+    """Trains with DeepSpeed ZeRO-3 (partitioned base weights)."""
+    shares_forward: ClassVar[bool] = False
+    """Different adapters of this method can share one forward (PEFT `adapter_names`), with each
+    row's output equal to that adapter alone; declared only where a test proves it."""
+    monte_carlo: ClassVar[bool] = False
+    """Gives Monte-Carlo outputs (means and intervals over sampled forwards)."""
+    subadapters: ClassVar[bool] = False
+    """Sub-adapters can be cut out of a trained adapter (`extract_subadapter`)."""
+    max_adapters_per_replica: ClassVar[int | None] = None
+    """None: any number of adapters of the replica group share one base."""
+
+    def replica_group(self) -> str:
+        """Adapters whose methods share a group can be loaded on one base model."""
+        return self.name
+
+    def merge_refusal(self, spec: MethodSpec) -> str | None:
+        """Why this adapter cannot be merged into its base weights (None: it can)."""
+        return None
+
+    def mergeable(self, spec: MethodSpec) -> bool:
+        return self.merge_refusal(spec) is None
+
+    def zero3_refusal(self) -> str:
+        return f"adapter.method {self.name} cannot train with train.zero_stage 3; use 2 (or 0/1)"
+
+    def monte_carlo_samples(self, spec: MethodSpec) -> int:
+        """Monte-Carlo forwards the adapter asks for by default (0: plain outputs)."""
+        return 0
+
+    # ---------------------------------------------------------------- spec-time hooks
+    def check_task(self, spec: MethodSpec, task: str) -> None:
+        if task not in self.tasks:
+            from workers.errors import SpecError
+
+            raise SpecError(f"adapter.method {self.name} needs model.task: {' or '.join(self.tasks)}")
+
+    def prompt_format(self, spec: MethodSpec, prompt_format: str) -> str:
+        """The prompt format every training and served prompt uses with this adapter."""
+        return prompt_format
+
+    def precheck(self, model, spec: MethodSpec, task: str) -> None:
+        """Checks that need the model's shapes only; `model` may live on the meta device."""
+
+    # ---------------------------------------------------------------- model hooks
+    def peft_config(self, spec: MethodSpec, task: str):
+        """The PEFT config of a PEFT-backed method (used by the default attach)."""
+        raise NotImplementedError(f"{self.name}: define peft_config or attach")
+
+    def attach(self, model, spec: MethodSpec, task: str, tokenizer=None, prompt_format: str | None = None):
+        """`model` with a fresh adapter attached; only the adapter (and the task head) train."""
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config(spec, task))
+
+    def load(self, base, folder: Path, adapter_name: str = "default"):
+        """A saved adapter on `base`."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
+
+    def add(self, model, folder: Path, adapter_name: str) -> None:
+        """One more saved adapter on a model that already holds some of this replica group."""
+        model.load_adapter(str(folder), adapter_name=adapter_name)
+
+    def save(self, model, directory: Path, spec: MethodSpec) -> None:
+        """The trained adapter's files (safetensors), and whatever `write_extra` adds."""
+        model.save_pretrained(str(directory), safe_serialization=True)
+        self.write_extra(spec, Path(directory), model)
+
+    def write_extra(self, spec: MethodSpec, directory: Path, model=None) -> None:
+        """Files beside the weights that loading needs."""
+
+    def is_head_parameter(self, name: str, model) -> bool:
+        """Whether a trainable parameter belongs to the task head (for `train.head_lr`)."""
+        return "modules_to_save" in name
+
+    def count_parameters(self, model) -> tuple[int, int]:
+        """(trainable, total) parameters of an attached model."""
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in model.parameters())
+
+    def save_merged(self, merged, tokenizer, output: Path) -> None:
+        """Write a merged model (`merge_and_unload()` of a loaded adapter)."""
+        merged.save_pretrained(str(output), safe_serialization=True)
+        tokenizer.save_pretrained(str(output))
+
+    def sampling(self, model, adapter_name: str = "default") -> contextlib.AbstractContextManager:
+        """A context in which `model`'s forwards are Monte-Carlo draws (monte_carlo methods)."""
+        from workers.errors import WrongTaskError
+
+        raise WrongTaskError(f"a {self.name} adapter gives no Monte-Carlo outputs")
+
+    def extract_subadapter(self, folder: Path, manifest: dict, output: Path, version, source=None) -> dict:
+        """Cut a sub-adapter out of a trained adapter (methods declaring `subadapters`)."""
+        from workers.errors import WrongTaskError
+
+        raise WrongTaskError(f"a {self.name} adapter has no sub-adapters to extract")

@@ -1,4 +1,10 @@
-"""Launch training on Ray Train, turn the final checkpoint into an adapter artifact, evaluate it."""
+"""The training stages every entry point reuses (`adapterflow run/train`, Tune trials, tests):
+start Ray, check the inputs before any work, launch training on Ray Train, turn the final
+checkpoint into an adapter artifact, evaluate it.
+
+A stage takes a job spec: any object with `name`, `workspace_path()`, `ray_address`, `plugins`,
+`model`, `data`, `adapter` and `train` (the pipeline spec, or `workers.spec_view.WorkerSpec`).
+"""
 
 from __future__ import annotations
 
@@ -10,35 +16,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.spec import PipelineSpec
-from workers.errors import AdapterflowError
-
-
-class ResourceError(AdapterflowError):
-    """The job cannot get the resources it asks for."""
+from workers.common import quiet_environment
+from workers.errors import DataError, ResourceError, TrainingError
 
 log = logging.getLogger(__name__)
 
-QUIET_ENV = {
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
 
-
-def ensure_ray(spec: PipelineSpec):
+def ensure_ray(spec):
     """Connect to the spec's cluster, or start a local Ray instance; return the dashboard URL."""
     import ray
 
-    for k, v in QUIET_ENV.items():
-        os.environ.setdefault(k, v)
+    env = quiet_environment()
     if ray.is_initialized():
         return None
-    env = {k: os.environ[k] for k in (*QUIET_ENV, "HF_HUB_OFFLINE", "HF_HOME") if k in os.environ}
     ctx = ray.init(
         address=spec.ray_address,
         runtime_env={"env_vars": env},
@@ -48,50 +38,32 @@ def ensure_ray(spec: PipelineSpec):
     return getattr(ctx, "dashboard_url", None)
 
 
-def check_inputs(spec: PipelineSpec) -> None:
+def check_inputs(spec) -> None:
     """Fail before any work starts when the base model or the data cannot be found (local paths
     and packages are checked here; hub ids are checked by the workers that download them)."""
-    from workers.data import load_split
+    from workers.data import load_split, looks_local
     from workers.models import resolve_model_path
 
     resolve_model_path(spec.model.name)
-    if Path(spec.data.path).expanduser().exists():
+    if Path(spec.data.path).expanduser().exists() or looks_local(spec.data.path):
         if not load_split(spec.data, spec.data.train_split):
-            from workers.errors import DataError
-
             raise DataError(f"data.path {spec.data.path!r}: split {spec.data.train_split!r} is missing or empty")
     _precheck_adapter(spec)
 
 
-def _precheck_adapter(spec: PipelineSpec) -> None:
-    """Adapter parameters that depend on the model's shapes (SpaRTA's sparsity bounds, the INT4
-    group size) checked on a weightless (meta-device) copy of the model, before Ray starts."""
-    from workers.methods import method_module
+def _precheck_adapter(spec) -> None:
+    """Adapter parameters that depend on the model's shapes (e.g. sparsity bounds, a quantization
+    group size) checked by the method on a weightless (meta-device) copy of the model, before Ray
+    starts. A model whose config cannot be read here (a hub id not cached) is checked by the workers."""
+    from workers.methods import method_of
+    from workers.models import meta_model
 
-    module = method_module(spec.adapter.method)
-    if not hasattr(module, "precheck"):
-        return
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from workers.models import quiet_transformers, resolve_model_path
-
-    quiet_transformers()
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(spec.model.name), revision=spec.model.revision,
-                                            trust_remote_code=spec.model.trust_remote_code)
-        if spec.model.task == "seq-cls":
-            config.num_labels = len(spec.model.labels())
-        cls = AutoModelForSequenceClassification if spec.model.task == "seq-cls" else AutoModelForCausalLM
-        with torch.device("meta"):
-            model = cls.from_config(config, trust_remote_code=spec.model.trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - e.g. a hub id not cached offline: the workers check it
-        log.debug("adapter pre-check skipped: %s", exc)
-        return
-    module.precheck(model, spec.adapter, spec.model.task)
+    model = meta_model(spec.model)
+    if model is not None:
+        method_of(spec.adapter).precheck(model, spec.adapter, spec.model.task)
 
 
-def preflight(spec: PipelineSpec, wait_s: float = 20.0) -> None:
+def preflight(spec, wait_s: float = 20.0) -> None:
     """On a fixed-size (local) cluster, refuse a job that would wait forever for resources."""
     import ray
 
@@ -128,8 +100,10 @@ class TrainOutcome:
     wall_seconds: float = 0.0
 
 
-def launch_training(spec: PipelineSpec, *, mlflow_cfg: dict | None = None, fault: dict | None = None,
-                    run_name: str | None = None, resume_from: str | None = None) -> TrainOutcome:
+def launch_training(spec, *, mlflow_cfg: dict | None = None, run_name: str | None = None,
+                    resume_from: str | None = None) -> TrainOutcome:
+    """Train on Ray Train (`train.num_workers` DeepSpeed workers; 0 = local mode, in-process) and
+    return the final checkpoint, its metrics and the loss history."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -139,8 +113,7 @@ def launch_training(spec: PipelineSpec, *, mlflow_cfg: dict | None = None, fault
     t = spec.train
     run_name = run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     storage = spec.workspace_path() / "ray_results"
-    config = {"spec": spec.model_dump(mode="json"), "mlflow": mlflow_cfg, "fault": fault,
-              "resume_from": resume_from}
+    config = {"spec": spec.model_dump(mode="json"), "mlflow": mlflow_cfg, "resume_from": resume_from}
     if t.num_workers == 0:  # local mode: Ray does not persist checkpoints, the loop does
         config["checkpoint_root"] = str(storage / run_name / "local")
         for k, v in worker_env(t).items():
@@ -165,20 +138,20 @@ def launch_training(spec: PipelineSpec, *, mlflow_cfg: dict | None = None, fault
     result = trainer.fit()
     wall = time.perf_counter() - start
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} ended without a checkpoint: {result.error}")
+        raise TrainingError(f"training run {run_name} ended without a checkpoint: {result.error}")
     path = Path(result.checkpoint.path)
     history = json.loads((path / HISTORY_FILE).read_text()) if (path / HISTORY_FILE).is_file() else []
     return TrainOutcome(path, dict(result.metrics or {}), history, wall)
 
 
-def latest_local_checkpoint(spec: PipelineSpec, run_name: str) -> Path | None:
+def latest_local_checkpoint(spec, run_name: str) -> Path | None:
     """The newest checkpoint a local-mode run (num_workers: 0) wrote, to resume it."""
     root = spec.workspace_path() / "ray_results" / run_name / "local"
     found = sorted(root.glob("checkpoint_*"))
     return found[-1] if found else None
 
 
-def build_artifact(spec: PipelineSpec, checkpoint: Path, dst: Path) -> Path:
+def build_artifact(spec, checkpoint: Path, dst: Path) -> Path:
     """Copy the adapter out of the final checkpoint and write its manifest."""
     from workers.artifact import write_manifest
     from workers.data import input_template
@@ -187,7 +160,7 @@ def build_artifact(spec: PipelineSpec, checkpoint: Path, dst: Path) -> Path:
 
     src = checkpoint / FINAL_ADAPTER_DIR
     if not src.is_dir():
-        raise RuntimeError(f"{checkpoint}: final checkpoint has no '{FINAL_ADAPTER_DIR}' folder")
+        raise TrainingError(f"{checkpoint}: final checkpoint has no '{FINAL_ADAPTER_DIR}' folder")
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
@@ -197,43 +170,44 @@ def build_artifact(spec: PipelineSpec, checkpoint: Path, dst: Path) -> Path:
     if spec.model.task == "seq-cls":
         model["id2label"] = {str(k): v for k, v in spec.model.labels().items()}
         model["num_labels"] = len(model["id2label"])
-    write_manifest(
-        dst, method=spec.adapter.method, model=model, base_sha256=base_fingerprint(spec.model),
-        extra={"adapter": spec.adapter.model_dump(mode="json"),
-               "input_template": input_template(spec.data), "max_length": spec.data.max_length},
-    )
+    extra = {"adapter": spec.adapter.model_dump(mode="json"),
+             "input_template": input_template(spec.data), "max_length": spec.data.max_length}
+    if spec.plugins:
+        extra["plugins"] = list(spec.plugins)  # what a replica imports to know the method
+    write_manifest(dst, method=spec.adapter.method, model=model, base_sha256=base_fingerprint(spec.model),
+                   extra=extra)
     return dst
 
 
-def evaluate_artifact(spec: PipelineSpec, adapter_dir: Path, threads: int | None = None) -> dict:
+def evaluate_artifact(spec, adapter_dir: Path, threads: int | None = None) -> dict:
     """Evaluate a saved adapter on the spec's eval split with the same code a replica runs."""
     import torch
+
     from workers.data import encode, load_train_eval
     from workers.evaluate import evaluate_model
-    from workers.models import load_model, load_tokenizer
+    from workers.methods import method_of
+    from workers.models import adapter_tokenizer, load_model, load_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
     _, evals = load_train_eval(spec.data, spec.train.seed)
     if not evals:
-        raise RuntimeError(
+        raise DataError(
             f"data: no evaluation split {spec.data.eval_split!r} in {spec.data.path!r}; set "
             "data.eval_split or data.eval_fraction"
         )
-    from workers.methods import load
-    from workers.models import adapter_tokenizer
-
+    method = method_of(spec.adapter)
     tok = adapter_tokenizer(spec.model, adapter_dir)
-    model = load(load_model(spec.model, load_tokenizer(spec.model)), adapter_dir, spec.adapter.method)
+    model = method.load(load_model(spec.model, load_tokenizer(spec.model)), Path(adapter_dir))
     examples = encode(evals, spec.data, spec.model, tok)
     num_labels = len(spec.model.labels()) if spec.model.task == "seq-cls" else None
     report = evaluate_model(model, tok, examples, spec.model.task, num_labels)
     report["split"] = spec.data.eval_split if spec.data.eval_split else "held-out"
-    samples = getattr(spec.adapter, "samples", 0)
-    if samples:  # PVeRA Monte-Carlo evaluation: mean and 95 % interval of every output
+    samples = method.monte_carlo_samples(spec.adapter)
+    if samples:  # Monte-Carlo evaluation: mean and 95 % interval of every output
         from workers.montecarlo import mc_report
 
-        report["monte_carlo"] = mc_report(model, tok, examples, spec.model.task, samples, spec.train.seed)
+        report["monte_carlo"] = mc_report(model, tok, examples, spec.model.task, samples, spec.train.seed, method)
     if spec.model.task == "seq-cls":
         report["id2label"] = {str(k): v for k, v in spec.model.labels().items()}
     return report

@@ -1,5 +1,5 @@
 """SpaRTA's files (peft-sparta's layout): writing an adapter folder, and reading one (ours or
-peft-sparta's) as merge entries for a base model. See workers/methods/sparta.py for the method."""
+peft-sparta's) as merge entries for a base model."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def read_adapter(folder: Path, base, task: str) -> dict:
     """A saved SpaRTA adapter as merge entries for `base`, checked against its shapes."""
     import torch
 
-    from workers.methods.sparta import head_names, named_parameters
+    from workers.methods.sparta.selection import head_names, named_parameters
 
     folder = Path(folder)
     raw = _load_tensors(folder, "sparse_deltas")

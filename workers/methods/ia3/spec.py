@@ -1,17 +1,15 @@
-"""IA3 through PEFT: learned vectors l (init 1). Ordinary targets scale the output, y = (Wx)⊙l;
-`feedforward_modules` scale the input, y = W(x⊙l). Mergeable (W⊙l by rows or columns)."""
+"""IA3's spec (no torch)."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from workers.methods.base import StrictModel
-from workers.methods.lora import TASK_TYPES
+from workers.methods.base import MethodSpec
 
 
-class IA3Spec(StrictModel):
+class IA3Spec(MethodSpec):
     method: Literal["ia3"] = "ia3"
     target_modules: list[str] | None = Field(
         None, description="Modules to scale; null = PEFT's default (Llama: k_proj, v_proj, down_proj)."
@@ -23,10 +21,6 @@ class IA3Spec(StrictModel):
         None, description="Extra modules trained in full (the task head is added for seq-cls)."
     )
     init_ia3_weights: bool = Field(True, description="Start every vector at 1 (the identity).")
-
-    mergeable: ClassVar[bool] = True
-
-    replica_group: ClassVar[str] = "ia3"  # one PEFT type per replica: PEFT cannot mix types
 
     @model_validator(mode="after")
     def _check(self):
@@ -40,14 +34,3 @@ class IA3Spec(StrictModel):
                     f"{self.target_modules}; every feed-forward module must also be a target"
                 )
         return self
-
-    def peft_config(self, task: str):
-        from peft import IA3Config
-
-        return IA3Config(
-            target_modules=self.target_modules,
-            feedforward_modules=self.feedforward_modules,
-            modules_to_save=self.modules_to_save,
-            init_ia3_weights=self.init_ia3_weights,
-            task_type=TASK_TYPES[task],
-        )

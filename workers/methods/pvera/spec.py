@@ -1,19 +1,15 @@
-"""PVeRA through PEFT (`PveraConfig`): frozen shared random projections A (2r x in) and B (out x r)
-sliced per layer, trainable λ_d (2r, init d_initial) and λ_b (out, init 0).
-[μ, log σ²] = split(λ_d ⊙ (A x)); z = μ + ε·σ when training or sampling at inference, else μ;
-y = Wx + λ_b ⊙ (B z). Merge uses the mean only."""
+"""PVeRA's spec (no torch)."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
-from workers.methods.base import StrictModel
-from workers.methods.lora import TASK_TYPES
+from workers.methods.base import MethodSpec
 
 
-class PveraSpec(StrictModel):
+class PveraSpec(MethodSpec):
     method: Literal["pvera"] = "pvera"
     r: int = Field(256, gt=0, description="Rank of the shared random projections.")
     target_modules: list[str] | Literal["all-linear"] | None = Field(
@@ -25,7 +21,7 @@ class PveraSpec(StrictModel):
         True, description="Store A and B in the adapter (else they are regenerated from the seed)."
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the PVeRA input.")
-    bias: Literal["none", "all", "pvera_only"] = "none"
+    bias: Literal["none", "all", "pvera_only"] = Field("none", description="Which biases train.")
     modules_to_save: list[str] | None = Field(
         None, description="Extra modules trained in full (the task head is added for seq-cls)."
     )
@@ -38,30 +34,9 @@ class PveraSpec(StrictModel):
         "output); 0 = mean only, else at least 2.",
     )
 
-    mergeable: ClassVar[bool] = True
-
-    replica_group: ClassVar[str] = "pvera"  # one PEFT type per replica: PEFT cannot mix types
-
     @field_validator("samples")
     @classmethod
     def _two(cls, v):
         if v == 1:
             raise ValueError("a confidence interval needs at least 2 samples (0 = mean only)")
         return v
-
-    def peft_config(self, task: str):
-        from peft import PveraConfig
-
-        return PveraConfig(
-            r=self.r,
-            target_modules=self.target_modules,
-            d_initial=self.d_initial,
-            projection_prng_key=self.projection_prng_key,
-            save_projection=self.save_projection,
-            pvera_dropout=self.dropout,
-            bias=self.bias,
-            modules_to_save=self.modules_to_save,
-            sample_at_inference=self.sample_at_inference,
-            generator_seed=self.generator_seed,
-            task_type=TASK_TYPES[task],
-        )
