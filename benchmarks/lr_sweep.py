@@ -19,9 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-for k, v in {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-             "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
-    os.environ.setdefault(k, v)
+from workers.common import quiet_environment  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from a hub at run time
+quiet_environment()
 
 
 def sweep(spec, lrs: list[float], holdout: float = 0.25, workspace: Path | None = None) -> list[dict]:

@@ -20,7 +20,7 @@ dropout) and reports the means; 872 dev sentences put one run's accuracy within 
 
 One JSON line per row: method, base, lr, accuracy (and accuracy_std over seeds), balanced_accuracy,
 mcc, f1, trainable_params, adapter_bytes, train_seconds, nonzeros_added (merging the adapter into its
-base), runs (one per seed), sweep. `benchmarks/methods_table.py FILE` renders the README's table.
+base), runs (one per seed), sweep. `benchmarks/methods_table.py FILE` renders the table in docs/benchmarks.md.
 
     python benchmarks/methods_sst2.py [--out results.jsonl] [--only lora,sparta] [--sweep-examples N] [--seeds 1-3]
 """
@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-for k, v in {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
-             "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
-    os.environ.setdefault(k, v)
+from workers.common import quiet_environment  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from a hub at run time
+quiet_environment()
 
 N_TRAIN, BATCH, MAX_LEN, HOLDOUT = 8000, 32, 64, 0.015
 SEEDS = (42, 43, 44)  # training seeds of the final runs (42 is the spec default; sweeps use it)

@@ -1,4 +1,4 @@
-"""The README's quality table from the rows `methods_sst2.py` wrote (one JSON line per row).
+"""The quality table of docs/benchmarks.md from the rows `methods_sst2.py` wrote (one JSON line per row).
 
     python benchmarks/methods_table.py benchmarks/results/methods_sst2.jsonl
 """

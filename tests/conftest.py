@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-for k, v in {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-             "DO_NOT_TRACK": "true", "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
-             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
-    os.environ.setdefault(k, v)
+from workers.common import quiet_environment
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from a hub at run time
+quiet_environment()
 
 API_KEY_ENV = "ADAPTERFLOW_TEST_API_KEY"
 os.environ.setdefault(API_KEY_ENV, "test-" + os.urandom(8).hex())  # before Ray starts: replicas inherit it

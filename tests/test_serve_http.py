@@ -95,6 +95,8 @@ def test_classify_matches_a_merged_reference(server, adapters):
     ({"adapter": "toy", "inputs": ["x"], "extra": 1}, 422, "invalid_request"),
     ({"adapter": "toy", "inputs": ["x"], "samples": -1}, 422, "invalid_request"),
     ({"adapter": "toy", "inputs": ["x"], "samples": 8}, 400, "wrong_task"),  # Monte-Carlo: PVeRA only
+    # a record without the adapter's input_template field: a user error (it was a 500 before)
+    ({"adapter": "toy", "inputs": [{"text": "x"}]}, 400, "invalid_request"),
 ])
 def test_classify_errors_have_a_stable_shape(server, body, status, kind):
     r = httpx.post(f"{server}/cls/v1/classify", json=body, timeout=60)

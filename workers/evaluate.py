@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from workers.errors import DataError
+
 
 def classification_report(labels: list[int], probs, num_labels: int, loss: float) -> dict:
     """accuracy, balanced accuracy, MCC (multi-class Gorodkin form), F1 and confusion matrix."""
@@ -69,7 +71,7 @@ def evaluate_model(model, tokenizer, examples, task: str, num_labels: int | None
                 ).item()
                 total_count += int(mask.sum())
     if total_count == 0:
-        raise ValueError("no evaluation examples")
+        raise DataError("no evaluation examples: the evaluation split is empty")
     mean = total_loss / total_count
     if task == "seq-cls":
         report = classification_report(labels_all, probs_all, num_labels, mean)

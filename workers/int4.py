@@ -22,6 +22,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from workers.errors import ModelError
+
 FORMAT = "int4-groupwise"
 QMAX = 15
 CONFIG_KEY = "adapterflow_quantization"
@@ -37,8 +43,6 @@ def check_group(in_features: int, group_size: int, name: str = "layer") -> None:
 
 def qparams(weight, group_size: int):
     """(scales [out, groups] float32, zeros [out, groups] float32 integers) from `weight`."""
-    import torch
-
     out_f, in_f = weight.shape
     w = weight.detach().float().reshape(out_f, in_f // group_size, group_size)
     lo = w.amin(-1).clamp(max=0)
@@ -55,8 +59,6 @@ def _expand(t, group_size: int):
 
 def quantize_codes(weight, scales, zeros, group_size: int):
     """Integer codes q in [0, 15] (as float) for `weight` under fixed scales and zero points."""
-    import torch
-
     s, z = _expand(scales, group_size), _expand(zeros, group_size)
     return torch.clamp(torch.round(weight.float() / s + z), 0, QMAX)
 
@@ -74,15 +76,11 @@ def fake_quant_ste(weight, scales, zeros, group_size: int):
 
 def pack(codes):
     """[out, in] codes 0..15 -> uint8 [out, in/2]: column 2j low nibble, 2j+1 high nibble."""
-    import torch
-
     c = codes.to(torch.uint8)
     return c[:, 0::2] | (c[:, 1::2] << 4)
 
 
 def unpack(packed):
-    import torch
-
     out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.uint8)
     out[:, 0::2] = packed & 0x0F
     out[:, 1::2] = packed >> 4
@@ -90,72 +88,55 @@ def unpack(packed):
 
 
 def dequantize(qweight, scales, zeros, group_size: int, dtype=None):
-    import torch
-
     q = unpack(qweight).float()
     w = _expand(scales.float(), group_size) * (q - _expand(zeros.float(), group_size))
     return w.to(dtype or torch.float32)
 
 
-def _int4_linear_class():
-    import torch.nn as nn
-    import torch.nn.functional as F
+class Int4Linear(nn.Module):
+    """A Linear whose weight stays packed INT4; dequantized group-wise in each matmul."""
 
-    class Int4Linear(nn.Module):
-        """A Linear whose weight stays packed INT4; dequantized group-wise in each matmul."""
+    def __init__(self, in_features, out_features, group_size, bias: bool, dtype):
+        super().__init__()
+        check_group(in_features, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, in_features // group_size))
+        self.register_buffer("zeros", torch.zeros(out_features, in_features // group_size, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.compute_dtype = dtype
 
-        def __init__(self, in_features, out_features, group_size, bias: bool, dtype):
-            super().__init__()
-            import torch
+    @property
+    def weight(self):
+        return dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.compute_dtype)
 
-            check_group(in_features, group_size)
-            self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-            self.register_buffer("scales", torch.ones(out_features, in_features // group_size))
-            self.register_buffer("zeros", torch.zeros(out_features, in_features // group_size, dtype=torch.uint8))
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-            self.compute_dtype = dtype
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-        @property
-        def weight(self):
-            return dequantize(self.qweight, self.scales, self.zeros, self.group_size, self.compute_dtype)
-
-        def forward(self, x):
-            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-        def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
-
-    return Int4Linear
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
 
 
-def quantized_linears(model) -> dict:
-    """name -> nn.Linear for every Linear carrying fixed quantization parameters."""
-    import torch.nn as nn
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and hasattr(m, "qa_scales")}
-
-
-def save_int4_model(model, tokenizer, folder: Path) -> dict:
-    """Write `model` (its quantized Linears already holding grid values) in the packed format."""
-    import torch
+def save_int4_model(model, tokenizer, folder: Path, layers: dict, group: int) -> dict:
+    """Write `model` in the packed format. `layers`: name -> (scales, zeros) of every quantized
+    Linear, whose weight already holds grid values."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    layers = quantized_linears(model)
     if not layers:
         raise ValueError("no quantized Linear layers in the model")
-    group = next(iter(layers.values())).qa_group
+    modules = dict(model.named_modules())
     tensors, skip = {}, set()
-    for name, mod in layers.items():
-        codes = quantize_codes(mod.weight.detach(), mod.qa_scales, mod.qa_zeros, group)
-        back = fake_quant(mod.weight.detach().float(), mod.qa_scales, mod.qa_zeros, group)
-        if not torch.allclose(back, mod.weight.detach().float(), atol=1e-6, rtol=1e-5):
+    for name, (scales, zeros) in layers.items():
+        weight = modules[name].weight.detach()
+        codes = quantize_codes(weight, scales, zeros, group)
+        back = fake_quant(weight.float(), scales, zeros, group)
+        if not torch.allclose(back, weight.float(), atol=1e-6, rtol=1e-5):
             raise ValueError(f"{name}: weight is not on its INT4 grid; quantize before packing")
         tensors[f"{name}.qweight"] = pack(codes).contiguous()
-        tensors[f"{name}.scales"] = mod.qa_scales.float().contiguous()
-        tensors[f"{name}.zeros"] = mod.qa_zeros.to(torch.uint8).contiguous()
+        tensors[f"{name}.scales"] = scales.float().contiguous()
+        tensors[f"{name}.zeros"] = zeros.to(torch.uint8).contiguous()
         skip.add(f"{name}.weight")
     for name, p in model.state_dict().items():
         if name not in skip and name not in tensors:
@@ -172,7 +153,6 @@ def save_int4_model(model, tokenizer, folder: Path) -> dict:
 
 def load_int4_model(folder: Path, dtype=None):
     """A packed INT4 model folder rebuilt on CPU (Int4Linear layers; weights from safetensors)."""
-    import torch
     import transformers
     from safetensors.torch import load_file
 
@@ -180,26 +160,25 @@ def load_int4_model(folder: Path, dtype=None):
     cfg_dict = json.loads((folder / "config.json").read_text())
     q = cfg_dict.get(CONFIG_KEY)
     if not q or q.get("format") != FORMAT:
-        raise ValueError(f"{folder}: not a packed INT4 model (config.json has no {CONFIG_KEY} of format {FORMAT})")
+        raise ModelError(f"{folder}: not a packed INT4 model (config.json has no {CONFIG_KEY} of format {FORMAT})")
     config = transformers.AutoConfig.from_pretrained(str(folder))
     arch = (config.architectures or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
-        raise ValueError(f"{folder}: unknown architecture {arch!r}")
+        raise ModelError(f"{folder}: unknown architecture {arch!r}")
     dtype = dtype or torch.float32
     model = cls(config).to(dtype)
-    int4_linear = _int4_linear_class()
     for name in q["layers"]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         lin = getattr(parent, attr)
-        setattr(parent, attr, int4_linear(lin.in_features, lin.out_features, q["group_size"], lin.bias is not None, dtype))
+        setattr(parent, attr, Int4Linear(lin.in_features, lin.out_features, q["group_size"], lin.bias is not None, dtype))
     state = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not m.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise ValueError(f"{folder}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
+        raise ModelError(f"{folder}: tensors missing {missing[:5]} / unexpected {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from workers.common import task_of
+from workers.common import model_class, task_of
 from workers.errors import AdapterIntegrityError, SpecError
 from workers.methods import method_for_manifest
 from workers.methods.sparta import UPSTREAM_FROZEN, SpartaMethod, SpartaSpec, attach, load
@@ -38,7 +38,7 @@ def SpaRTA(model, sparsity: float, frozen_modules: list[str] | None = None,  # n
 def _open(adapter: str | Path, task: str, dtype):
     """(base model, tokenizer, model reference) for an adapter folder of ours or peft-sparta's."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from workers.artifact import MANIFEST, verify
     from workers.config import ModelSpec
@@ -63,11 +63,8 @@ def _open(adapter: str | Path, task: str, dtype):
             raise AdapterIntegrityError(
                 f"{folder}: problem_type {config['problem_type']!r} is not single-label classification")
         id2label = {int(k): v for k, v in config["id2label"].items()}
-        base = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()}, **kwargs
-        )
-    else:
-        base = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        kwargs.update(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    base = model_class(task).from_pretrained(name, **kwargs)
     tok_src = folder if (folder / "tokenizer_config.json").is_file() else name
     tok = AutoTokenizer.from_pretrained(str(tok_src))
     if tok.pad_token is None:

@@ -15,6 +15,8 @@ import logging
 import re
 from dataclasses import dataclass
 
+from workers.errors import DataError, ModelError, SpecError
+
 log = logging.getLogger(__name__)
 
 NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
@@ -53,7 +55,7 @@ def find_blocks(model):
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
-        raise ValueError("no ModuleList of layers with Linear modules found; nothing to prune")
+        raise ModelError("no ModuleList of layers with Linear modules found; nothing to prune")
     return best
 
 
@@ -70,7 +72,8 @@ def prune_mask(weight, sq_norm, pattern: Pattern):
         mask.scatter_(1, idx, True)
         return mask
     if cols % pattern.m:
-        raise ValueError(f"N:M {pattern.n}:{pattern.m} needs input size divisible by {pattern.m}, got {cols}")
+        raise SpecError(f"sparsify.pattern: N:M {pattern.n}:{pattern.m} needs input size divisible by "
+                        f"{pattern.m}, got {cols}")
     groups = score.reshape(rows, cols // pattern.m, pattern.m)
     idx = torch.sort(groups, dim=-1, stable=True)[1][..., : pattern.n]
     gmask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
@@ -132,7 +135,7 @@ def calibration_batches(tokenizer, texts: list[str], seq_len: int, n_samples: in
             break
     n = min(n_samples, len(stream) // seq_len)
     if n == 0:
-        raise ValueError(f"calibration texts give {len(stream)} tokens, fewer than one chunk of {seq_len}")
+        raise DataError(f"sparsify: the calibration texts give {len(stream)} tokens, fewer than one chunk of {seq_len}")
     ids = torch.tensor(stream[: n * seq_len]).reshape(n, seq_len)
     return [{"input_ids": ids[i : i + batch_size], "attention_mask": torch.ones_like(ids[i : i + batch_size])}
             for i in range(0, n, batch_size)]

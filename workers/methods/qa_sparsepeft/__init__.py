@@ -84,8 +84,10 @@ class QASparsePeftMethod(SparsePeftMethod):
     def save_merged(self, merged, tokenizer, output: Path) -> None:
         """One packed INT4 sparse model (see workers/int4.py)."""
         from workers.int4 import save_int4_model
+        from workers.methods.qa_sparsepeft.layers import quantization_params
 
-        save_int4_model(merged, tokenizer, output)
+        layers, group = quantization_params(merged)
+        save_int4_model(merged, tokenizer, output, layers, group)
 
 
 register_method(QASparsePeftMethod())

@@ -72,3 +72,10 @@ def quantize_unadapted(peft_model) -> int:
                 m.qa_done = True
                 n += 1
     return n
+
+
+def quantization_params(model) -> tuple[dict, int]:
+    """(name -> (scales, zeros), group size) of every prepared Linear of `model` (e.g. merged)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and hasattr(m, "qa_scales")}
+    group = next(iter(layers.values())).qa_group if layers else 0
+    return {n: (m.qa_scales, m.qa_zeros) for n, m in layers.items()}, group
