@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 
 from workers.errors import AdapterflowError, UserError
 
-console = Console()
+console = Console(soft_wrap=True)  # commands and URLs stay whole for copy-paste
 err_console = Console(stderr=True)
 _debug = False
 
