@@ -157,15 +157,20 @@ def sparsify(spec: Path, set_: SetOpt = None) -> None:
 def merge(adapter: Annotated[str, typer.Argument(help="An adapter folder or MLflow URI (models:/NAME@ALIAS).")],
           output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
           tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ references.")] = None,
+          base: Annotated[Optional[str], typer.Option(
+              help="The base model to merge into (default: the one recorded at registration, else the one the "
+                   "adapter names, never with remote code).")] = None,
           ) -> None:
     """Merge a mergeable adapter into its base and save the full model (safetensors; a QA-SparsePEFT
     adapter gives one packed INT4 sparse model)."""
     _quiet()
     from workers.merge import merge_adapter
-    from workers.store import resolve
+    from workers.store import registered_base, resolve
 
-    folder, manifest = resolve(adapter, tracking_uri=_store_uri(tracking_uri))
-    report = merge_adapter(folder, manifest, output)
+    uri = _store_uri(tracking_uri)
+    folder, manifest = resolve(adapter, tracking_uri=uri)
+    base_model = {"name": base} if base is not None else registered_base(adapter, uri)
+    report = merge_adapter(folder, manifest, output, base=base_model)
     console.print(f"merged {manifest['method']} adapter into {manifest['base_model']['name']}: {output} "
                   f"({report['nonzeros_added']} non-zeros added to Linear weights)")
 
@@ -224,6 +229,9 @@ def serve(target: Annotated[str, typer.Argument(
           host: Annotated[Optional[str], typer.Option()] = None,
           port: Annotated[Optional[int], typer.Option()] = None,
           tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ references.")] = None,
+          base: Annotated[Optional[str], typer.Option(
+              help="The base model the replica builds (folder, hub id or package:MODULE). A spec gives it; "
+                   "a registered adapter has it recorded; an adapter folder needs it.")] = None,
           ) -> None:
     """Serve an adapter over HTTP until Ctrl-C."""
     _quiet()
@@ -239,6 +247,7 @@ def serve(target: Annotated[str, typer.Argument(
         adapter = name or s.name
         uri = tracking_uri or tracking.tracking_uri(s)
         sv = s.serve
+        base_model = s.model.model_dump(mode="json") if base is None else {"name": base}
         ensure_ray(s)
     else:
         from pipelines.spec import PipelineSpec  # noqa: F401  (keeps the import cost in one place)
@@ -247,13 +256,17 @@ def serve(target: Annotated[str, typer.Argument(
         ref, uri = target, _store_uri(tracking_uri)
         adapter = name or Path(target.rstrip("/")).name.split("@")[0] or "adapter"
         sv = ServeSpec()
+        base_model = {"name": base} if base is not None else None
+        if base_model is None and not ref.startswith("models:/"):
+            fail(f"{ref}: name the base model with --base MODEL (an adapter's own manifest never chooses the "
+                 "base a server builds)")
         import ray
 
         ray.init(logging_level=logging.WARNING)
     url = deploy({adapter: ref}, host=host or sv.host, port=port or sv.port, name=sv.app_name,
                  route_prefix=sv.route_prefix, tracking_uri=uri, num_replicas=sv.num_replicas,
                  num_cpus=sv.num_cpus, threads=sv.threads, api_key_env=sv.api_key_env,
-                 max_new_tokens=sv.max_new_tokens)
+                 max_new_tokens=sv.max_new_tokens, base=base_model)
     console.print(f"serving adapter {adapter!r} ({ref}) at {url}  (Ctrl-C stops)")
     try:
         while True:

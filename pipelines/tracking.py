@@ -6,6 +6,7 @@ One writer at a time on SQLite: this driver before and after training, rank 0 du
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,11 @@ def log_and_register(run_id: str, adapter_dir: Path, spec: PipelineSpec, report:
     if metric not in report:
         raise SpecError(f"track.selection_metric {metric!r} is not in the evaluation report "
                        f"({', '.join(k for k, v in report.items() if isinstance(v, (int, float)))})")
+    from workers.artifact import MANIFEST
+    from workers.common import sha256_file
+    from workers.store import BASE_TAG, MANIFEST_TAG, base_record
+
+    base = base_record(spec.model)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="adapter",
@@ -135,10 +141,15 @@ def log_and_register(run_id: str, adapter_dir: Path, spec: PipelineSpec, report:
             artifacts={"adapter": str(adapter_dir)},
             code_paths=[str(ROOT / "workers")],
             pip_requirements=PIP_REQUIREMENTS,
+            model_config={"base": base},
             registered_model_name=name,
         )
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
+    # pinned in the registry (the operator's), checked when the adapter is resolved: an edited manifest,
+    # or a file it lists, in the artifact store is refused; the base a replica builds comes from here
+    client.set_model_version_tag(name, version, MANIFEST_TAG, sha256_file(Path(adapter_dir) / MANIFEST))
+    client.set_model_version_tag(name, version, BASE_TAG, json.dumps(base, sort_keys=True))
     value = float(report[metric])
     client.set_model_version_tag(name, version, "selection_metric", metric)
     client.set_model_version_tag(name, version, metric, repr(value))

@@ -95,11 +95,13 @@ class CompletionRequest(BaseModel):
 @serve.deployment
 @serve.ingress(api)
 class AdapterServer:
-    def __init__(self, adapters: dict[str, str], tracking_uri: str | None = None,
-                 threads: int = 1, api_key_env: str | None = None, max_new_tokens: int = 64):
-        from workers.inference import Engine
-        from workers.store import resolve
+    """One replica: the operator's base model and the adapters by name. `base` is the operator's model
+    section; without it, the base the registry recorded for the (registered) adapters. An adapter's
+    manifest never chooses the base (`workers.trust`)."""
 
+    def __init__(self, adapters: dict[str, str], tracking_uri: str | None = None,
+                 threads: int = 1, api_key_env: str | None = None, max_new_tokens: int = 64,
+                 base: dict | None = None):
         self.api_key = None
         if api_key_env:
             self.api_key = os.environ.get(api_key_env)
@@ -109,15 +111,9 @@ class AdapterServer:
                 raise SpecError(
                     f"serve.api_key_env is {api_key_env!r} but that variable is not set on the replica"
                 )
-        if not adapters:
-            from workers.errors import SpecError
+        from serve.app import build_engine  # the class travels by value: import what it calls
 
-            raise SpecError("no adapters to serve")
-        resolved = {name: resolve(ref, tracking_uri=tracking_uri) for name, ref in adapters.items()}
-        first = next(iter(resolved.values()))[1]
-        self.engine = Engine(first["model"], threads=threads)
-        for name, (folder, manifest) in resolved.items():
-            self.engine.add_adapter(name, folder, manifest)
+        self.engine = build_engine(adapters, base, tracking_uri, threads)
         self.max_new_tokens = max_new_tokens
 
     def _auth(self, request: Request) -> None:
@@ -168,12 +164,48 @@ class AdapterServer:
                           "total_tokens": n_prompt + n_out}}
 
 
+def build_engine(adapters: dict[str, str], base: dict | None, tracking_uri: str | None = None, threads: int = 1):
+    """What a replica holds: the operator's base with the adapters loaded (each resolved, verified and
+    checked against that base)."""
+    from workers.errors import SpecError
+    from workers.inference import Engine
+    from workers.store import resolve
+    from workers.trust import serving_spec
+
+    if not adapters:
+        raise SpecError("no adapters to serve")
+    base = base or operator_base(adapters, tracking_uri)
+    resolved = {name: resolve(ref, tracking_uri=tracking_uri) for name, ref in adapters.items()}
+    first_folder, first = next(iter(resolved.values()))
+    engine = Engine(serving_spec(first, base, first_folder), threads=threads)
+    for name, (folder, manifest) in resolved.items():
+        engine.add_adapter(name, folder, manifest)
+    return engine
+
+
+def operator_base(adapters: dict[str, str], tracking_uri: str | None = None) -> dict:
+    """The base the registry recorded for these adapters (the operator's pipeline wrote it); a plain
+    folder has none, and then the operator must name the base."""
+    from workers.errors import SpecError
+    from workers.store import registered_base
+
+    bases = {ref: registered_base(ref, tracking_uri) for ref in adapters.values()}
+    known = [b for b in bases.values() if b]
+    if not known or len(known) < len(bases):
+        missing = ", ".join(ref for ref, b in bases.items() if not b)
+        raise SpecError(f"no base model for {missing}: name it (adapterflow serve --base MODEL, or a spec's "
+                        "model section); an adapter's own manifest never chooses the base a server builds")
+    return known[0]
+
+
 def build_app(adapters: dict[str, str], *, tracking_uri: str | None = None, num_replicas: int = 1,
               num_cpus: float = 0.5, threads: int = 1, api_key_env: str | None = None,
-              max_new_tokens: int = 64):
+              max_new_tokens: int = 64, base: dict | None = None):
+    if base is None:  # fail in the driver, before any replica starts
+        base = operator_base(adapters, tracking_uri)
     return AdapterServer.options(
         num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus},
-    ).bind(adapters, tracking_uri, threads, api_key_env, max_new_tokens)
+    ).bind(adapters, tracking_uri, threads, api_key_env, max_new_tokens, base)
 
 
 def deploy(adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000, name: str = "adapterflow",

@@ -71,7 +71,8 @@ def test_trains_on_two_workers_and_serves(tiny_llama, toy_data, tmp_path, ray_se
         verify(folder)
     folder = build_artifact(spec, out.checkpoint, tmp_path / "adapter")  # rebuilt from the checkpoint
 
-    url = deploy({"gain": str(folder)}, port=serve_port, name="toy-gain", route_prefix="/gain", num_cpus=0.5)
+    url = deploy({"gain": str(folder)}, port=serve_port, name="toy-gain", route_prefix="/gain", num_cpus=0.5,
+                 base=spec.model.model_dump(mode="json"))
     try:
         r = httpx.post(f"{url}/v1/classify", json={"adapter": "gain", "inputs": ["good great movie"]}, timeout=120)
         assert r.status_code == 200, r.text

@@ -41,12 +41,16 @@ def adapters(tiny_llama, toy_data, toy_instruct, tmp_path_factory, ray_session):
 def server(adapters, serve_port, ray_session):
     from serve.app import deploy, shutdown
 
-    base = deploy({"toy": str(adapters["cls"][1])}, port=serve_port, name="cls", route_prefix="/cls",
-                  num_cpus=0.25)
+    def base(kind):  # the operator's base: the spec's model section
+        return adapters[kind][0].model.model_dump(mode="json")
+
+    url = deploy({"toy": str(adapters["cls"][1])}, port=serve_port, name="cls", route_prefix="/cls",
+                 num_cpus=0.25, base=base("cls"))
     deploy({"story": str(adapters["lm"][1])}, port=serve_port, name="lm", route_prefix="/lm",
-           num_cpus=0.25, api_key_env=API_KEY_ENV)
-    deploy({"unc": str(adapters["unc"][1])}, port=serve_port, name="unc", route_prefix="/unc", num_cpus=0.25)
-    root = base.rsplit("/cls", 1)[0]
+           num_cpus=0.25, api_key_env=API_KEY_ENV, base=base("lm"))
+    deploy({"unc": str(adapters["unc"][1])}, port=serve_port, name="unc", route_prefix="/unc", num_cpus=0.25,
+           base=base("unc"))
+    root = url.rsplit("/cls", 1)[0]
     yield root
     shutdown("cls")
     shutdown("lm")
@@ -177,8 +181,9 @@ def test_serve_command_serves_an_adapter_folder(adapters, server, ray_session):
     from ray import serve
 
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(adapters["cls"][1]),
-                             "--name", "folder-toy"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(adapters["cls"][1]), "--name", "folder-toy",
+           "--base", adapters["cls"][0].model.name]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         deadline = time.monotonic() + 120

@@ -7,7 +7,6 @@ import logging
 import threading
 from pathlib import Path
 
-from workers.artifact import check_base
 from workers.config import ModelSpec
 from workers.errors import AdapterIntegrityError, UnknownAdapterError, WrongTaskError
 from workers.methods import manifest_spec, method_for_manifest
@@ -37,8 +36,11 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, folder: str | Path, manifest: dict) -> None:
+        from workers.trust import check_against_base, refuse_remote_code
+
         folder = Path(folder)
-        check_base(manifest, self.base_sha256, folder)
+        refuse_remote_code(manifest, folder)
+        check_against_base(manifest, self.spec, self.base_sha256, folder)
         if manifest["task"] != self.spec.task:
             raise AdapterIntegrityError(
                 f"adapter {name!r} is for task {manifest['task']!r}, this base serves {self.spec.task!r}"

@@ -30,15 +30,16 @@ def linear_nonzeros(model) -> int:
     return sum(int((m.weight != 0).sum()) for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def merge_adapter(folder: Path, manifest: dict, output: Path) -> dict:
-    from workers.artifact import check_base
-    from workers.config import ModelSpec
+def merge_adapter(folder: Path, manifest: dict, output: Path, base=None) -> dict:
+    """Merge the adapter into its base and save the model. `base`: the operator's base (a model
+    section); without it, the base the manifest names (never with remote code)."""
     from workers.methods import method_for_manifest
     from workers.models import base_fingerprint, load_model, load_tokenizer
+    from workers.trust import check_against_base, manifest_base, serving_spec
 
     check_mergeable(manifest)
-    spec = ModelSpec.model_validate(manifest["model"])
-    check_base(manifest, base_fingerprint(spec), folder)
+    spec = serving_spec(manifest, base, folder) if base is not None else manifest_base(manifest, folder)
+    check_against_base(manifest, spec, base_fingerprint(spec), folder)
     method = method_for_manifest(manifest)
     tok = load_tokenizer(spec)
     base = load_model(spec, tok)

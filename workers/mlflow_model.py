@@ -33,11 +33,14 @@ class AdapterModel(PythonModel):
     def load_context(self, context):
         from workers.artifact import verify
         from workers.inference import Engine
+        from workers.trust import manifest_base, serving_spec
 
         folder = context.artifacts["adapter"]
         manifest = verify(folder)
         self.task = manifest["task"]
-        self.engine = Engine(manifest["model"])
+        # the base the operator's pipeline logged with the model; older models: the manifest's, no remote code
+        base = (context.model_config or {}).get("base")
+        self.engine = Engine(serving_spec(manifest, base, folder) if base else manifest_base(manifest, folder))
         self.engine.add_adapter("adapter", folder, manifest)
 
     def predict(self, context, model_input: list[str], params: dict | None = None):

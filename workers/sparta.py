@@ -41,15 +41,15 @@ def _open(adapter: str | Path, task: str, dtype):
     from transformers import AutoTokenizer
 
     from workers.artifact import MANIFEST, verify
-    from workers.config import ModelSpec
     from workers.models import load_model, load_tokenizer, quiet_transformers
+    from workers.trust import manifest_base
 
     folder = Path(adapter)
     if (folder / MANIFEST).is_file():
         manifest = verify(folder)
         if not isinstance(method_for_manifest(manifest), SpartaMethod):
             raise AdapterIntegrityError(f"{folder}: a {manifest['method']} adapter, not SpaRTA")
-        spec = ModelSpec.model_validate(manifest["model"])
+        spec = manifest_base(manifest, folder)  # never with remote code
         if dtype is not None:
             spec = spec.model_copy(update={"dtype": str(dtype).removeprefix("torch.")})
         tok = load_tokenizer(spec)

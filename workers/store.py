@@ -7,12 +7,55 @@ manifest's sha256 before anything loads them.
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from pathlib import Path
 
 from workers.artifact import MANIFEST, verify
-from workers.errors import UnknownAdapterError
+from workers.common import sha256_file
+from workers.errors import AdapterIntegrityError, UnknownAdapterError
+
+log = logging.getLogger(__name__)
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+# registered-model-version tags the pipeline writes at registration (the operator's record)
+MANIFEST_TAG = "adapterflow.manifest_sha256"
+BASE_TAG = "adapterflow.base"
+REGISTRY_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def base_record(model) -> dict:
+    """The operator's base model section as recorded with a registered version."""
+    from workers.trust import ADAPTER_KEYS, BASE_KEYS
+
+    data = model.model_dump(mode="json")
+    return {k: data[k] for k in (*BASE_KEYS, *ADAPTER_KEYS) if data.get(k) is not None}
+
+
+def registered_version(ref: str, tracking_uri: str | None = None):
+    """The registry's model version a `models:/NAME@ALIAS` or `models:/NAME/N` reference names
+    (None for other references)."""
+    m = REGISTRY_REF.match(ref)
+    if not m:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        if m["alias"]:
+            return client.get_model_version_by_alias(m["name"], m["alias"])
+        return client.get_model_version(m["name"], m["version"])
+    except MlflowException as exc:
+        raise UnknownAdapterError(f"adapter {ref!r} not found in MLflow ({exc.message})") from None
+
+
+def registered_base(ref: str, tracking_uri: str | None = None) -> dict | None:
+    """The base model the operator's pipeline recorded for a registered adapter, if any."""
+    version = registered_version(ref, tracking_uri)
+    raw = version.tags.get(BASE_TAG) if version is not None else None
+    return json.loads(raw) if raw else None
 
 
 def _find_adapter_folder(root: Path) -> Path | None:
@@ -46,4 +89,15 @@ def resolve(ref: str, *, tracking_uri: str | None = None, dst: str | Path | None
     folder = _find_adapter_folder(local)
     if folder is None:
         raise UnknownAdapterError(f"adapter {ref!r}: no {MANIFEST} found under {local}")
+    version = registered_version(ref, tracking_uri) if ref.startswith("models:/") else None
+    if version is not None:
+        pinned = version.tags.get(MANIFEST_TAG)
+        if pinned is None:
+            log.warning("%s: registered without a pinned manifest (an older version); checked against its "
+                        "own manifest only", ref)
+        elif sha256_file(folder / MANIFEST) != pinned:
+            raise AdapterIntegrityError(
+                f"adapter {ref!r}: its {MANIFEST} in the artifact store differs from the one registered "
+                f"(sha256 {pinned[:16]}...): the artifact was changed after registration; re-register it"
+            )
     return folder, verify(folder, allow_pickle=allow_pickle)

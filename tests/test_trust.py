@@ -1,0 +1,154 @@
+"""Trust comes from the operator, never from an adapter: an adapter whose manifest was edited to name a
+model folder shipping Python with `trust_remote_code: true` (every checksum still passing, since the
+manifest is not among its own checksums) is refused wherever adapters load, and no code runs; a
+registered adapter whose manifest or files change in the artifact store is refused."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from workers.artifact import verify
+from workers.errors import AdapterIntegrityError
+
+from helpers import ROOT, spec_for
+
+EVIL_CODE = '''
+import pathlib
+pathlib.Path({marker!r}).write_text("remote code ran")
+from transformers import LlamaConfig
+class EvilConfig(LlamaConfig):
+    model_type = "llama"
+'''
+
+
+@pytest.fixture
+def evil(trained_adapters, tiny_llama, tmp_path):
+    """A copy of the trained LoRA adapter whose manifest names a folder with the same weights plus
+    Python that writes a marker file when transformers imports it."""
+    marker = tmp_path / "marker"
+    model = tmp_path / "evil-model"
+    shutil.copytree(tiny_llama, model)
+    (model / "evil_config.py").write_text(EVIL_CODE.format(marker=str(marker)))
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil_config.EvilConfig"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    folder = tmp_path / "adapter"
+    shutil.copytree(trained_adapters("lora")["folder"], folder)
+    manifest = json.loads((folder / "adapterflow.json").read_text())
+    manifest["model"].update(name=str(model), trust_remote_code=True)
+    (folder / "adapterflow.json").write_text(json.dumps(manifest))
+    return {"folder": folder, "marker": marker, "model": model, "spec": trained_adapters("lora")["spec"]}
+
+
+def test_the_planted_code_would_run_if_trusted(evil):
+    """Control: the folder really carries code that runs under trust_remote_code (in a subprocess)."""
+    code = f"from transformers import AutoConfig; AutoConfig.from_pretrained({str(evil['model'])!r}, trust_remote_code=True)"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, cwd=ROOT)
+    assert evil["marker"].read_text() == "remote code ran"
+
+
+def test_every_checksum_still_passes(evil):
+    assert verify(evil["folder"])["model"]["trust_remote_code"] is True
+
+
+def test_a_replica_refuses_it_and_runs_no_code(evil):
+    """What a replica runs to load its adapters (`build_engine`), with the operator's base."""
+    from serve.app import build_engine
+
+    with pytest.raises(AdapterIntegrityError, match="trust_remote_code.*refused"):
+        build_engine({"a": str(evil["folder"])}, evil["spec"].model.model_dump(mode="json"))
+    assert not evil["marker"].exists()
+
+
+def test_merge_and_the_engine_refuse_it(evil, tmp_path):
+    from workers.inference import Engine
+    from workers.merge import merge_adapter
+
+    manifest = verify(evil["folder"])
+    with pytest.raises(AdapterIntegrityError, match="trust_remote_code.*refused"):
+        merge_adapter(evil["folder"], manifest, tmp_path / "merged")
+    engine = Engine(evil["spec"].model)
+    with pytest.raises(AdapterIntegrityError, match="trust_remote_code.*refused"):
+        engine.add_adapter("a", evil["folder"], manifest)
+    assert not evil["marker"].exists() and not (tmp_path / "merged").exists()
+
+
+def test_the_base_is_the_operators_not_the_manifests(trained_adapters, tmp_path):
+    """Without the trust flag, a manifest naming another folder still does not choose the base."""
+    from serve.app import build_engine
+
+    trained = trained_adapters("lora")
+    folder = tmp_path / "adapter"
+    shutil.copytree(trained["folder"], folder)
+    manifest = json.loads((folder / "adapterflow.json").read_text())
+    manifest["model"]["name"] = str(tmp_path / "somewhere-else")
+    (folder / "adapterflow.json").write_text(json.dumps(manifest))
+    engine = build_engine({"a": str(folder)}, trained["spec"].model.model_dump(mode="json"))
+    assert engine.spec.name == trained["spec"].model.name
+    assert engine.classify("a", ["good great movie"])[0]["label"] in ("negative", "positive")
+
+
+def test_serving_a_folder_needs_the_operators_base(trained_adapters):
+    from pipelines.cli import app
+
+    r = CliRunner().invoke(app, ["serve", str(trained_adapters("lora")["folder"])])
+    assert r.exit_code == 2 and "name the base model with --base" in r.stderr
+
+
+@pytest.fixture
+def registered(trained_adapters, tiny_llama, toy_data, tmp_path):
+    """The trained LoRA adapter registered in a fresh MLflow store by the pipeline's own code."""
+    import mlflow
+
+    from pipelines import tracking
+
+    spec = spec_for(tiny_llama, toy_data, tmp_path)
+    uri = tracking.setup(spec)
+    run_id = tracking.start_run(spec, {})
+    reg = tracking.log_and_register(run_id, trained_adapters("lora")["folder"], spec, {"accuracy": 0.5})
+    tracking.end_run(run_id)
+    yield {"spec": spec, "uri": uri, "ref": f"models:/{reg.name}/{reg.version}", "alias": f"models:/{reg.name}@champion",
+           "store": spec.workspace_path() / "mlartifacts"}
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_registered_adapter_resolves_with_its_recorded_base(registered):
+    from workers.store import registered_base, resolve
+
+    folder, manifest = resolve(registered["alias"], tracking_uri=registered["uri"])
+    assert manifest["method"] == "lora"
+    base = registered_base(registered["ref"], registered["uri"])
+    assert base["name"] == registered["spec"].model.name and base["trust_remote_code"] is False
+
+
+def _stored(registered, name):
+    hits = [p for p in registered["store"].rglob(name) if "adapter" in p.parts]
+    assert hits, f"no {name} in the artifact store"
+    return hits
+
+
+def test_an_edited_manifest_in_the_artifact_store_is_refused(registered):
+    from workers.store import resolve
+
+    for path in _stored(registered, "adapterflow.json"):
+        data = json.loads(path.read_text())
+        data["model"]["trust_remote_code"] = True  # any edit: the pinned digest no longer matches
+        path.write_text(json.dumps(data))
+    for ref in (registered["ref"], registered["alias"]):
+        with pytest.raises(AdapterIntegrityError, match="differs from the one registered"):
+            resolve(ref, tracking_uri=registered["uri"])
+
+
+def test_an_edited_weight_in_the_artifact_store_is_refused(registered):
+    from workers.store import resolve
+
+    for path in _stored(registered, "adapter_model.safetensors"):
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(AdapterIntegrityError, match="fails its checksum"):
+        resolve(registered["ref"], tracking_uri=registered["uri"])
