@@ -147,7 +147,8 @@ def run_pipeline(spec: PipelineSpec, spec_dict: dict, console: Console, *, keep_
             tracking_uri=tracking.tracking_uri(spec), num_replicas=spec.serve.num_replicas,
             num_cpus=spec.serve.num_cpus, threads=spec.serve.threads,
             api_key_env=spec.serve.api_key_env, max_new_tokens=spec.serve.max_new_tokens,
-            base=spec.model.model_dump(mode="json"),
+            base=spec.model.model_dump(mode="json"), max_ongoing_requests=spec.serve.max_ongoing_requests,
+            max_batch_size=spec.serve.max_batch_size, batch_wait_timeout_s=spec.serve.batch_wait_timeout_s,
         )
     result.timings["deploy_s"] = time.perf_counter() - t
     result.url = url

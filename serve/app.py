@@ -1,6 +1,7 @@
 """Ray Serve application: one base model per replica, adapters by name, an HTTP API.
 
-Routes: `GET /healthz`, `GET /v1/models`, `POST /v1/classify` (seq-cls adapters) and
+Routes: `GET /healthz`, `GET /v1/models`, `GET /v1/stats` (batching counters), `POST /v1/classify`
+(seq-cls adapters; concurrent requests are batched, see `AdapterServer._classify_batch`) and
 `POST /v1/completions` (causal-LM adapters, OpenAI request and response shape, non-streaming).
 Errors are JSON `{"error": {"type", "message", "code"}}`, from one handler over the error tree
 (`workers.errors`): unknown adapter 404, malformed body 422, wrong task for the adapter 400, missing
@@ -9,6 +10,7 @@ or wrong API key 401, an adapter that does not fit the replica 409, a platform f
 
 
 
+import asyncio
 import hmac
 import logging
 import os
@@ -101,7 +103,9 @@ class AdapterServer:
 
     def __init__(self, adapters: dict[str, str], tracking_uri: str | None = None,
                  threads: int = 1, api_key_env: str | None = None, max_new_tokens: int = 64,
-                 base: dict | None = None):
+                 base: dict | None = None, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005):
+        self._classify_batch.set_max_batch_size(max_batch_size)
+        self._classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.api_key = None
         if api_key_env:
             self.api_key = os.environ.get(api_key_env)
@@ -137,10 +141,27 @@ class AdapterServer:
             for name, m in sorted(self.engine.adapters.items())
         ]}
 
-    @api.post("/v1/classify")
-    def classify(self, body: ClassifyRequest, request: Request):
+    @api.get("/v1/stats")
+    def stats(self, request: Request):
+        """Batching so far on this replica: forwards, rows, forwards that mixed adapters."""
         self._auth(request)
-        results = self.engine.classify(body.adapter, body.inputs, samples=body.samples, seed=body.seed)
+        return dict(self.engine.stats)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _classify_batch(self, items: list[tuple[str, list]]) -> list:
+        # concurrent requests share forwards; the forward runs off the event loop
+        return await asyncio.to_thread(self.engine.classify_batch, items)
+
+    @api.post("/v1/classify")
+    async def classify(self, body: ClassifyRequest, request: Request):
+        self._auth(request)
+        if self.engine.monte_carlo_samples(body.adapter, body.samples):  # sampled forwards: on their own
+            results = await asyncio.to_thread(self.engine.classify, body.adapter, body.inputs,
+                                              samples=body.samples, seed=body.seed)
+        else:
+            results = await self._classify_batch((body.adapter, body.inputs))
+            if isinstance(results, Exception):
+                raise results
         return {"adapter": body.adapter, "results": results}
 
     @api.post("/v1/completions")
@@ -200,12 +221,15 @@ def operator_base(adapters: dict[str, str], tracking_uri: str | None = None) -> 
 
 def build_app(adapters: dict[str, str], *, tracking_uri: str | None = None, num_replicas: int = 1,
               num_cpus: float = 0.5, threads: int = 1, api_key_env: str | None = None,
-              max_new_tokens: int = 64, base: dict | None = None):
+              max_new_tokens: int = 64, base: dict | None = None, max_ongoing_requests: int = 64,
+              max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005):
     if base is None:  # fail in the driver, before any replica starts
         base = operator_base(adapters, tracking_uri)
     return AdapterServer.options(
         num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus},
-    ).bind(adapters, tracking_uri, threads, api_key_env, max_new_tokens, base)
+        max_ongoing_requests=max_ongoing_requests,
+    ).bind(adapters, tracking_uri, threads, api_key_env, max_new_tokens, base, max_batch_size,
+           batch_wait_timeout_s)
 
 
 def deploy(adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000, name: str = "adapterflow",

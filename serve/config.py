@@ -17,6 +17,13 @@ class ServeSpec(StrictModel):
         0.5, gt=0, description="CPUs per replica (fractional so serving and training coexist)."
     )
     threads: int = Field(1, gt=0, description="torch threads per replica.")
+    max_ongoing_requests: int = Field(
+        64, gt=0, description="Requests a replica accepts at once (Ray Serve's default, 5, would cap every batch at 5)."
+    )
+    max_batch_size: int = Field(32, gt=0, description="Classify requests that may share one batch of forwards.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long a batch waits for more requests once it has one."
+    )
     api_key_env: str | None = Field(
         None,
         description="Name of an environment variable holding the API key; when set, requests "

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from workers.config import ModelSpec
-from workers.errors import AdapterIntegrityError, UnknownAdapterError, WrongTaskError
+from workers.errors import AdapterflowError, AdapterIntegrityError, UnknownAdapterError, WrongTaskError
 from workers.methods import manifest_spec, method_for_manifest
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class Engine:
         self.adapters: dict[str, dict] = {}
         self.tokenizers: dict[str, object] = {}  # adapters that added tokens bring their tokenizer
         self._lock = threading.Lock()
+        # forwards run, rows they held, and forwards that mixed adapters (PEFT adapter_names)
+        self.stats = {"forwards": 0, "rows": 0, "mixed_forwards": 0}
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, folder: str | Path, manifest: dict) -> None:
@@ -72,6 +74,11 @@ class Engine:
         log.info("loaded adapter %s (%s) from %s", name, manifest["method"], folder)
 
     def _select(self, name: str, task: str):
+        manifest = self._check(name, task)
+        self.model.set_adapter(name)
+        return manifest
+
+    def _check(self, name: str, task: str) -> dict:
         if name not in self.adapters:
             raise UnknownAdapterError(
                 f"unknown adapter {name!r}; loaded adapters: {', '.join(sorted(self.adapters)) or 'none'}"
@@ -81,7 +88,6 @@ class Engine:
             raise WrongTaskError(
                 f"adapter {name!r} is a {manifest['task']} adapter; this endpoint needs a {task} adapter"
             )
-        self.model.set_adapter(name)
         return manifest
 
     # ------------------------------------------------------------------ classification
@@ -98,25 +104,92 @@ class Engine:
             raise WrongTaskError("samples: a confidence interval needs at least 2 samples (0 = mean only)")
         return n
 
+    def monte_carlo_samples(self, name: str, samples: int | None) -> int:
+        """The Monte-Carlo forwards a classify request asks for (checked against the adapter)."""
+        return self._samples(name, self._check(name, "seq-cls"), samples)
+
+    def _texts(self, name: str, manifest: dict, inputs: list) -> list[str]:
+        from workers.data import render
+
+        template = manifest.get("input_template")
+        texts = []
+        for x in inputs:
+            if isinstance(x, dict):
+                if not template:
+                    raise WrongTaskError(f"adapter {name!r} has no input_template; send plain strings")
+                texts.append(render(template, x))
+            else:
+                texts.append(x)
+        return texts
+
+    @staticmethod
+    def _labelled(row: list[float], id2label: dict[int, str]) -> dict:
+        best = max(range(len(row)), key=row.__getitem__)
+        return {"probabilities": {id2label[i]: p for i, p in enumerate(row)}, "label": id2label[best],
+                "label_id": best}
+
+    def classify_batch(self, requests: list[tuple[str, list]], max_rows: int = 64) -> list:
+        """Many classify requests in as few forwards as their methods allow: adapters whose method
+        declares `shares_forward` share one forward (PEFT's `adapter_names`), any other adapter gets
+        forwards of its own. Per request, its results, or the user error it raised (a bad request
+        never fails the others)."""
+        import torch
+
+        out: list = [None] * len(requests)
+        groups: dict[tuple, list] = {}
+        for i, (name, inputs) in enumerate(requests):
+            try:
+                manifest = self._check(name, "seq-cls")
+                texts = self._texts(name, manifest, inputs)
+            except AdapterflowError as exc:
+                out[i] = exc
+                continue
+            tok = self.tokenizers.get(name, self.tokenizer)
+            shared = method_for_manifest(manifest).shares_forward
+            key = (id(tok), manifest.get("max_length", 512), "*" if shared else name)
+            groups.setdefault(key, []).append((i, name, texts, tok))
+        rows_of: dict[int, list] = {i: [] for i in range(len(requests)) if out[i] is None}
+        with self._lock:
+            for (_, max_length, _), entries in groups.items():
+                rows = [(i, name, text) for i, name, texts, _ in entries for text in texts]
+                tok = entries[0][3]
+                for start in range(0, len(rows), max_rows):
+                    chunk = rows[start:start + max_rows]
+                    names = [n for _, n, _ in chunk]
+                    kwargs = {}
+                    if len(set(names)) > 1:
+                        kwargs["adapter_names"] = names
+                        self.stats["mixed_forwards"] += 1
+                    else:
+                        self.model.set_adapter(names[0])
+                    enc = tok([t for _, _, t in chunk], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt")
+                    with torch.no_grad():
+                        probs = torch.softmax(self.model(**enc, **kwargs).logits.float(), -1)
+                    self.stats["forwards"] += 1
+                    self.stats["rows"] += len(chunk)
+                    for (i, _, _), row in zip(chunk, probs.tolist()):
+                        rows_of[i].append(row)
+        for i, rows in rows_of.items():
+            manifest = self.adapters[requests[i][0]]
+            id2label = {int(k): v for k, v in manifest["model"]["id2label"].items()}
+            out[i] = [self._labelled(row, id2label) for row in rows]
+        return out
+
     def classify(self, name: str, inputs: list, samples: int | None = None, seed: int = 0) -> list[dict]:
         """Probabilities per label and the decided label; with `samples` (PVeRA) also the
         Monte-Carlo mean and 95 % interval of every probability."""
         import torch
 
-        from workers.data import render
-
+        if not self.monte_carlo_samples(name, samples):
+            result = self.classify_batch([(name, inputs)])[0]
+            if isinstance(result, Exception):
+                raise result
+            return result
         with self._lock:
             manifest = self._select(name, "seq-cls")
             n_mc = self._samples(name, manifest, samples)
-            template = manifest.get("input_template")
-            texts = []
-            for x in inputs:
-                if isinstance(x, dict):
-                    if not template:
-                        raise WrongTaskError(f"adapter {name!r} has no input_template; send plain strings")
-                    texts.append(render(template, x))
-                else:
-                    texts.append(x)
+            texts = self._texts(name, manifest, inputs)
             id2label = {int(k): v for k, v in manifest["model"]["id2label"].items()}
             enc = self.tokenizers.get(name, self.tokenizer)(texts, padding=True, truncation=True,
                                  max_length=manifest.get("max_length", 512), return_tensors="pt")
@@ -130,9 +203,7 @@ class Engine:
                                 adapter_name=name)
         out = []
         for j, row in enumerate(probs.tolist()):
-            best = max(range(len(row)), key=row.__getitem__)
-            item = {"probabilities": {id2label[i]: p for i, p in enumerate(row)},
-                    "label": id2label[best], "label_id": best}
+            item = self._labelled(row, id2label)
             if mc is not None:
                 item["monte_carlo"] = {"samples": n_mc, **{
                     k: {id2label[i]: v for i, v in enumerate(mc[k][j].tolist())} for k in ("mean", "low", "high")}}

@@ -1,0 +1,113 @@
+"""Dynamic batching on a real replica: concurrent classify requests share forwards, and every answer
+equals the same request served alone (probabilities to 1e-5). Adapters of a method that declares
+`shares_forward` (LoRA) share one forward across adapters; others (IA3) are grouped per adapter, and
+no request is ever answered by another adapter."""
+
+import asyncio
+import json
+import shutil
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from workers.artifact import MANIFEST, write_manifest
+
+from helpers import METHOD_TEXTS
+
+pytestmark = pytest.mark.slow
+
+TEXTS = METHOD_TEXTS + ["good movie", "the plot was dull", "warm and lovely", "a grim cast", "fun fun fun",
+                        "bad bad bad", "really great story", "the film was poor and cold"]
+
+
+def perturbed_copy(folder, dst, weights_file, scale=-1.5):
+    """Another real adapter: the trained one with every weight scaled, with its own manifest."""
+    shutil.copytree(folder, dst)
+    tensors = {k: v * scale for k, v in load_file(str(dst / weights_file)).items()}
+    save_file(tensors, str(dst / weights_file), metadata={"format": "pt"})
+    manifest = json.loads((dst / MANIFEST).read_text())
+    (dst / MANIFEST).unlink()
+    keep = {k: manifest[k] for k in ("adapter", "input_template", "max_length") if k in manifest}
+    write_manifest(dst, method=manifest["method"], model=manifest["model"],
+                   base_sha256=manifest["base_model"]["sha256"], extra=keep)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def server(trained_adapters, serve_port, ray_session, tmp_path_factory):
+    from serve.app import deploy, shutdown
+
+    tmp = tmp_path_factory.mktemp("batching")
+    lora, ia3 = trained_adapters("lora"), trained_adapters("ia3")
+    base = lora["spec"].model.model_dump(mode="json")
+    lora_b = perturbed_copy(lora["folder"], tmp / "lora-b", "adapter_model.safetensors")
+    ia3_b = perturbed_copy(ia3["folder"], tmp / "ia3-b", "adapter_model.safetensors", scale=1.7)
+    url = deploy({"l1": str(lora["folder"]), "l2": str(lora_b)}, port=serve_port, name="lora-batch",
+                 route_prefix="/lb", num_cpus=0.25, base=base, max_batch_size=16, batch_wait_timeout_s=0.05)
+    deploy({"i1": str(ia3["folder"]), "i2": str(ia3_b)}, port=serve_port, name="ia3-batch", route_prefix="/ib",
+           num_cpus=0.25, base=base, max_batch_size=16, batch_wait_timeout_s=0.05)
+    root = url.rsplit("/lb", 1)[0]
+    yield root
+    shutdown("lora-batch")
+    shutdown("ia3-batch")
+
+
+def _requests(a, b):
+    return [{"adapter": (a, b)[i % 2], "inputs": [TEXTS[i % len(TEXTS)]]} for i in range(32)]
+
+
+async def _concurrently(url, bodies):
+    async with httpx.AsyncClient(timeout=120) as client:
+        return await asyncio.gather(*(client.post(url, json=b) for b in bodies))
+
+
+@pytest.mark.parametrize("prefix,a,b", [("lb", "l1", "l2"), ("ib", "i1", "i2")])
+def test_batched_answers_equal_answers_alone(server, prefix, a, b):
+    url = f"{server}/{prefix}/v1/classify"
+    bodies = _requests(a, b)
+    alone = [httpx.post(url, json=body, timeout=60).json()["results"] for body in bodies]
+    stats0 = httpx.get(f"{server}/{prefix}/v1/stats", timeout=30).json()
+    responses = asyncio.run(_concurrently(url, bodies))
+    stats1 = httpx.get(f"{server}/{prefix}/v1/stats", timeout=30).json()
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    for body, r, ref in zip(bodies, responses, alone):
+        got = r.json()
+        assert got["adapter"] == body["adapter"]
+        for g, w in zip(got["results"], ref):
+            assert g["label"] == w["label"]
+            assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5)
+    # the two adapters really differ on these inputs, so a mix-up would show
+    one = [x[0]["probabilities"]["positive"] for x in alone[0::2]]
+    two = [x[0]["probabilities"]["positive"] for x in alone[1::2]]
+    assert max(abs(p - q) for p, q in zip(one, two)) > 1e-3
+    forwards = stats1["forwards"] - stats0["forwards"]
+    assert forwards < len(bodies), stats1  # concurrent requests shared forwards
+    if prefix == "lb":  # LoRA declares shares_forward: one forward can hold both adapters
+        assert stats1["mixed_forwards"] > stats0["mixed_forwards"], stats1
+    else:  # IA3 does not: never a mixed forward
+        assert stats1["mixed_forwards"] == 0, stats1
+
+
+def test_a_bad_request_in_a_batch_fails_alone(server):
+    url = f"{server}/lb/v1/classify"
+    bodies = _requests("l1", "l2")[:8] + [{"adapter": "nope", "inputs": ["x"]}, {"adapter": "l1", "inputs": [{"a": 1}]}]
+    responses = asyncio.run(_concurrently(url, bodies))
+    assert [r.status_code for r in responses] == [200] * 8 + [404, 400]
+
+
+def test_probabilities_match_the_library_directly(server, trained_adapters):
+    """The served numbers are the model's: PEFT with the adapter loaded the plain way."""
+    from peft import PeftModel
+
+    from workers.models import load_model, load_tokenizer
+
+    spec = trained_adapters("lora")["spec"]
+    tok = load_tokenizer(spec.model)
+    model = PeftModel.from_pretrained(load_model(spec.model, tok), str(trained_adapters("lora")["folder"])).eval()
+    enc = tok(TEXTS[:4], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = torch.softmax(model(**enc).logits, -1)[:, 1].tolist()
+    got = httpx.post(f"{server}/lb/v1/classify", json={"adapter": "l1", "inputs": TEXTS[:4]}, timeout=60).json()
+    assert [r["probabilities"]["positive"] for r in got["results"]] == pytest.approx(ref, abs=1e-5)
