@@ -175,6 +175,31 @@ def merge(adapter: Annotated[str, typer.Argument(help="An adapter folder or MLfl
                   f"({report['nonzeros_added']} non-zeros added to Linear weights)")
 
 
+@app.command(name="import")
+def import_(
+    folder: Annotated[Path, typer.Argument(help="An adapter folder written by stock PEFT (save_pretrained).")],
+    base: Annotated[str, typer.Option(help="The base model it was trained on (folder, hub id or package:MODULE).")],
+    task: Annotated[Optional[str], typer.Option(help="seq-cls or causal-lm, when the folder does not say it.")] = None,
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the artifact here (default: "
+                                                   "in the folder itself, which gains adapterflow.json).")] = None,
+) -> None:
+    """Make a stock PEFT adapter (LoRA, aLoRA, IA3, PVeRA) an adapterflow adapter: checked against its
+    base, completed with what it does not say (--task, --set model.id2label=...), given a manifest."""
+    _quiet()
+    from pipelines.spec import apply_override
+    from workers.importer import import_adapter
+
+    data: dict = {"model": {"name": base}}
+    for assignment in set_ or []:
+        if not assignment.startswith("model."):
+            fail(f"--set {assignment!r}: import takes model.* keys only (labels, prompt_format, pad_token, ...)")
+        apply_override(data, assignment)
+    out, manifest = import_adapter(folder, data["model"], task=task, output=output)
+    console.print(f"imported {manifest['method']} adapter ({manifest['task']}) for {base}: {out}")
+    console.print(f"  serve it: adapterflow serve {out} --base {base}")
+
+
 @app.command(name="extract-subadapter")
 def extract_subadapter(
     adapter: Annotated[str, typer.Argument(help="An NLS super-adapter: folder or MLflow URI (models:/NAME@ALIAS).")],

@@ -24,6 +24,16 @@ TASKS = ("seq-cls", "causal-lm")
 PEFT_TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
+def peft_fields(config: dict, names: dict[str, str]) -> dict:
+    """Spec keys from a saved PEFT config: {spec key: PEFT key}, lists sorted (PEFT saves sets)."""
+    out = {}
+    for key, peft_key in names.items():
+        value = config.get(peft_key)
+        if value is not None:
+            out[key] = sorted(value) if isinstance(value, (list, set, tuple)) else value
+    return out
+
+
 class MethodSpec(StrictModel):
     """The `adapter` section of a spec; each method's spec subclasses it with `method: Literal[name]`."""
 
@@ -131,6 +141,12 @@ class AdapterMethod:
         from workers.errors import WrongTaskError
 
         raise WrongTaskError(f"a {self.name} adapter gives no Monte-Carlo outputs")
+
+    def spec_from_folder(self, folder: Path, config: dict | None, tokenizer) -> dict | None:
+        """An adapter folder another library wrote (`adapterflow import`): when it is this method's, the
+        spec's keys read from its files, else None. `config`: its `adapter_config.json`, if any;
+        `tokenizer`: the operator's base tokenizer."""
+        return None
 
     def extract_subadapter(self, folder: Path, manifest: dict, output: Path, version, source=None) -> dict:
         """Cut a sub-adapter out of a trained adapter (methods declaring `subadapters`)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from workers.errors import SpecError
 from workers.methods import register_method
 from workers.methods.alora.spec import ALoraSpec
-from workers.methods.base import AdapterMethod
+from workers.methods.base import AdapterMethod, peft_fields
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,17 @@ class ALoraMethod(AdapterMethod):
         model.save_pretrained(str(directory), safe_serialization=True, **kwargs)
         if spec.new_tokens and tok is not None:
             tok.save_pretrained(str(directory))  # its ids index the new rows
+
+    def spec_from_folder(self, folder, config, tokenizer) -> dict | None:
+        ids = (config or {}).get("alora_invocation_tokens")
+        if not config or config.get("peft_type") != "LORA" or not ids:
+            return None
+        text = tokenizer.decode(ids)
+        if tokenizer.encode(text, add_special_tokens=False) != list(ids):
+            raise SpecError(f"{folder}: the invocation tokens {ids} do not decode to a string that encodes back to "
+                            "them with this base's tokenizer; give it: --set adapter.invocation_string=...")
+        return {"method": self.name, "invocation_string": text, **peft_fields(config, {
+            "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"})}
 
     def load(self, base, folder: Path, adapter_name: str = "default"):
         from peft import PeftModel

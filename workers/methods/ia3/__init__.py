@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from workers.methods import register_method
-from workers.methods.base import PEFT_TASK_TYPES, AdapterMethod
+from workers.methods.base import PEFT_TASK_TYPES, AdapterMethod, peft_fields
 from workers.methods.ia3.spec import IA3Spec
 
 
@@ -21,6 +21,13 @@ class IA3Method(AdapterMethod):
             modules_to_save=spec.modules_to_save, init_ia3_weights=spec.init_ia3_weights,
             task_type=PEFT_TASK_TYPES[task],
         )
+
+    def spec_from_folder(self, folder, config, tokenizer) -> dict | None:
+        if not config or config.get("peft_type") != "IA3":
+            return None
+        return {"method": self.name, **peft_fields(config, {
+            "target_modules": "target_modules", "feedforward_modules": "feedforward_modules",
+            "modules_to_save": "modules_to_save"})}
 
 
 register_method(IA3Method())

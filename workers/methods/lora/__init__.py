@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from workers.methods import register_method
-from workers.methods.base import PEFT_TASK_TYPES, AdapterMethod
+from workers.methods.base import PEFT_TASK_TYPES, AdapterMethod, peft_fields
 from workers.methods.lora.spec import LoraSpec
 
 
@@ -25,6 +25,16 @@ class LoraMethod(AdapterMethod):
 
     def peft_config(self, spec: LoraSpec, task: str):
         return lora_config(spec, task)
+
+    def spec_from_folder(self, folder, config, tokenizer) -> dict | None:
+        if not config or config.get("peft_type") != "LORA" or config.get("alora_invocation_tokens"):
+            return None
+        return {"method": self.name, **peft_fields(config, LORA_KEYS)}
+
+
+# spec key -> the key PEFT saves in adapter_config.json
+LORA_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+             "modules_to_save": "modules_to_save", "bias": "bias", "use_rslora": "use_rslora"}
 
 
 register_method(LoraMethod())

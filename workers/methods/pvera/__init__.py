@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 
 from workers.methods import register_method
-from workers.methods.base import PEFT_TASK_TYPES, AdapterMethod
+from workers.methods.base import PEFT_TASK_TYPES, AdapterMethod, peft_fields
 from workers.methods.pvera.spec import PveraSpec
 
 
@@ -40,6 +40,15 @@ class PveraMethod(AdapterMethod):
 
     def sampling(self, model, adapter_name: str = "default"):
         return sampling(model, adapter_name)
+
+    def spec_from_folder(self, folder, config, tokenizer) -> dict | None:
+        if not config or config.get("peft_type") != "PVERA":
+            return None
+        return {"method": self.name, **peft_fields(config, {
+            "r": "r", "target_modules": "target_modules", "d_initial": "d_initial",
+            "projection_prng_key": "projection_prng_key", "save_projection": "save_projection",
+            "dropout": "pvera_dropout", "bias": "bias", "modules_to_save": "modules_to_save",
+            "sample_at_inference": "sample_at_inference", "generator_seed": "generator_seed"})}
 
 
 @contextlib.contextmanager

@@ -78,6 +78,14 @@ class SpartaMethod(AdapterMethod):
     def count_parameters(self, model) -> tuple[int, int]:
         return model.parameter_counts()
 
+    def spec_from_folder(self, folder, config, tokenizer) -> dict | None:
+        """peft-sparta's folders: `sparse_deltas` beside the base's `config.json`."""
+        from workers.methods.sparta.files import DELTAS_FILE
+
+        if not (Path(folder) / DELTAS_FILE).is_file() and not (Path(folder) / "sparse_deltas.pt").is_file():
+            return None
+        return {"method": self.name}
+
 
 def attach(model, spec: SpartaSpec, task: str, tokenizer=None, prompt_format=None):
     return METHOD.attach(model, spec, task, tokenizer=tokenizer, prompt_format=prompt_format)
