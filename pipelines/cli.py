@@ -292,7 +292,8 @@ def serve(target: Annotated[str, typer.Argument(
                  route_prefix=sv.route_prefix, tracking_uri=uri, num_replicas=sv.num_replicas,
                  num_cpus=sv.num_cpus, threads=sv.threads, api_key_env=sv.api_key_env,
                  max_new_tokens=sv.max_new_tokens, base=base_model, max_ongoing_requests=sv.max_ongoing_requests,
-                 max_batch_size=sv.max_batch_size, batch_wait_timeout_s=sv.batch_wait_timeout_s)
+                 max_batch_size=sv.max_batch_size, batch_wait_timeout_s=sv.batch_wait_timeout_s,
+                 limits=sv.limits())
     console.print(f"serving adapter {adapter!r} ({ref}) at {url}  (Ctrl-C stops)")
     try:
         while True:

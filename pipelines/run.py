@@ -149,6 +149,7 @@ def run_pipeline(spec: PipelineSpec, spec_dict: dict, console: Console, *, keep_
             api_key_env=spec.serve.api_key_env, max_new_tokens=spec.serve.max_new_tokens,
             base=spec.model.model_dump(mode="json"), max_ongoing_requests=spec.serve.max_ongoing_requests,
             max_batch_size=spec.serve.max_batch_size, batch_wait_timeout_s=spec.serve.batch_wait_timeout_s,
+            limits=spec.serve.limits(),
         )
     result.timings["deploy_s"] = time.perf_counter() - t
     result.url = url

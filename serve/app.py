@@ -16,19 +16,28 @@ import logging
 import os
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
+from serve.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    CompletionRequest,
+    CompletionResponse,
+    Health,
+    ModelList,
+    Stats,
+    error_responses,
+)
 from workers.errors import (
     AdapterflowError,
     AdapterIntegrityError,
     AuthError,
     RequestError,
+    RequestTooLargeError,
     UnknownAdapterError,
     UserError,
     WrongTaskError,
@@ -39,7 +48,10 @@ log = logging.getLogger(__name__)
 api = FastAPI(title="adapterflow", version="0.1.0")
 
 ERROR_TYPES = {UnknownAdapterError: "adapter_not_found", WrongTaskError: "wrong_task", AuthError: "unauthorized",
-               RequestError: "invalid_request", AdapterIntegrityError: "adapter_integrity"}
+               RequestError: "invalid_request", AdapterIntegrityError: "adapter_integrity",
+               RequestTooLargeError: "request_too_large"}
+# this replica's request limits (one deployment per replica process; set by AdapterServer)
+LIMITS = {"max_body_bytes": 1_048_576, "max_inputs": 256, "max_prompt_tokens": 2048}
 
 
 def error(status: int, kind: str, message: str) -> JSONResponse:
@@ -56,6 +68,15 @@ async def _platform_error(request: Request, exc: AdapterflowError):
     return error(exc.http_status, kind, str(exc))
 
 
+@api.middleware("http")
+async def _body_limit(request: Request, call_next):
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > LIMITS["max_body_bytes"]:
+        return error(413, "request_too_large", f"the request body has {length} bytes, over this server's limit of "
+                     f"{LIMITS['max_body_bytes']} (serve.max_body_bytes)")
+    return await call_next(request)
+
+
 @api.exception_handler(RequestValidationError)
 async def _malformed(request: Request, exc: RequestValidationError):
     parts = []
@@ -63,35 +84,6 @@ async def _malformed(request: Request, exc: RequestValidationError):
         loc = ".".join(str(x) for x in e["loc"] if x != "body")
         parts.append(f"{loc or 'body'}: {e['msg']}")
     return error(422, "invalid_request", "; ".join(parts))
-
-
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    adapter: str
-    inputs: list[str | dict[str, Any]] = Field(..., min_length=1, max_length=1024)
-    samples: int | None = Field(None, ge=0, le=1024, description="PVeRA Monte-Carlo forwards (0 = off).")
-    seed: int = 0
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
-    model: str
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    samples: int | None = Field(None, ge=0, le=1024)  # PVeRA Monte-Carlo log-probabilities (extension)
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("streaming is not supported yet; send stream: false")
-        return v
 
 
 @serve.deployment
@@ -103,7 +95,11 @@ class AdapterServer:
 
     def __init__(self, adapters: dict[str, str], tracking_uri: str | None = None,
                  threads: int = 1, api_key_env: str | None = None, max_new_tokens: int = 64,
-                 base: dict | None = None, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005):
+                 base: dict | None = None, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005,
+                 limits: dict | None = None):
+        from serve import app as module  # the class travels by value: the module's own globals
+
+        module.LIMITS.update(limits or {})
         self._classify_batch.set_max_batch_size(max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.api_key = None
@@ -118,6 +114,7 @@ class AdapterServer:
         from serve.app import build_engine  # the class travels by value: import what it calls
 
         self.engine = build_engine(adapters, base, tracking_uri, threads)
+        self.engine.max_prompt_tokens = module.LIMITS["max_prompt_tokens"]
         self.max_new_tokens = max_new_tokens
 
     def _auth(self, request: Request) -> None:
@@ -128,11 +125,19 @@ class AdapterServer:
         if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             raise AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
-    @api.get("/healthz")
+    @staticmethod
+    def _count(n: int, what: str) -> None:
+        from serve.app import LIMITS
+
+        if n > LIMITS["max_inputs"]:
+            raise RequestTooLargeError(f"{n} {what} in one request, over this server's limit of "
+                                       f"{LIMITS['max_inputs']} (serve.max_inputs); split the request")
+
+    @api.get("/healthz", response_model=Health)
     def healthz(self):
         return {"status": "ok", "adapters": sorted(self.engine.adapters)}
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", response_model=ModelList, responses=error_responses(401))
     def models(self, request: Request):
         self._auth(request)
         return {"object": "list", "data": [
@@ -141,7 +146,7 @@ class AdapterServer:
             for name, m in sorted(self.engine.adapters.items())
         ]}
 
-    @api.get("/v1/stats")
+    @api.get("/v1/stats", response_model=Stats, responses=error_responses(401))
     def stats(self, request: Request):
         """Batching so far on this replica: forwards, rows, forwards that mixed adapters."""
         self._auth(request)
@@ -152,9 +157,11 @@ class AdapterServer:
         # concurrent requests share forwards; the forward runs off the event loop
         return await asyncio.to_thread(self.engine.classify_batch, items)
 
-    @api.post("/v1/classify")
+    @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
+              responses=error_responses(400, 401, 404, 413, 422))
     async def classify(self, body: ClassifyRequest, request: Request):
         self._auth(request)
+        self._count(len(body.inputs), "inputs")
         if self.engine.monte_carlo_samples(body.adapter, body.samples):  # sampled forwards: on their own
             results = await asyncio.to_thread(self.engine.classify, body.adapter, body.inputs,
                                               samples=body.samples, seed=body.seed)
@@ -164,10 +171,12 @@ class AdapterServer:
                 raise results
         return {"adapter": body.adapter, "results": results}
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
+              responses=error_responses(400, 401, 404, 413, 422))
     def completions(self, body: CompletionRequest, request: Request):
         self._auth(request)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        self._count(len(prompts), "prompts")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         choices, n_prompt, n_out = [], 0, 0
         for i, p in enumerate(prompts):
@@ -222,14 +231,14 @@ def operator_base(adapters: dict[str, str], tracking_uri: str | None = None) -> 
 def build_app(adapters: dict[str, str], *, tracking_uri: str | None = None, num_replicas: int = 1,
               num_cpus: float = 0.5, threads: int = 1, api_key_env: str | None = None,
               max_new_tokens: int = 64, base: dict | None = None, max_ongoing_requests: int = 64,
-              max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005):
+              max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, limits: dict | None = None):
     if base is None:  # fail in the driver, before any replica starts
         base = operator_base(adapters, tracking_uri)
     return AdapterServer.options(
         num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus},
         max_ongoing_requests=max_ongoing_requests,
     ).bind(adapters, tracking_uri, threads, api_key_env, max_new_tokens, base, max_batch_size,
-           batch_wait_timeout_s)
+           batch_wait_timeout_s, limits)
 
 
 def deploy(adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000, name: str = "adapterflow",

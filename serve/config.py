@@ -30,6 +30,13 @@ class ServeSpec(StrictModel):
         "need 'Authorization: Bearer <key>'. The key itself never goes in a spec.",
     )
     max_new_tokens: int = Field(64, gt=0, description="Default completion length.")
+    max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body accepted (413 beyond).")
+    max_inputs: int = Field(256, gt=0, description="Inputs (classify) or prompts (completions) per request (413 beyond).")
+    max_prompt_tokens: int = Field(2048, gt=0, description="Tokens of one formatted prompt (413 beyond).")
     samples: list[str] = Field(
         default_factory=list, description="Inputs sent to the deployment by `adapterflow run`."
     )
+
+    def limits(self) -> dict:
+        return {"max_body_bytes": self.max_body_bytes, "max_inputs": self.max_inputs,
+                "max_prompt_tokens": self.max_prompt_tokens}

@@ -58,6 +58,12 @@ class RequestError(UserError):
     http_status = 422
 
 
+class RequestTooLargeError(UserError):
+    """A request over a serving limit (body bytes, inputs, prompt tokens)."""
+
+    http_status = 413
+
+
 class AuthError(UserError):
     """A request without the right API key."""
 

@@ -8,7 +8,13 @@ import threading
 from pathlib import Path
 
 from workers.config import ModelSpec
-from workers.errors import AdapterflowError, AdapterIntegrityError, UnknownAdapterError, WrongTaskError
+from workers.errors import (
+    AdapterflowError,
+    AdapterIntegrityError,
+    RequestTooLargeError,
+    UnknownAdapterError,
+    WrongTaskError,
+)
 from workers.methods import manifest_spec, method_for_manifest
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,7 @@ class Engine:
         self._lock = threading.Lock()
         # forwards run, rows they held, and forwards that mixed adapters (PEFT adapter_names)
         self.stats = {"forwards": 0, "rows": 0, "mixed_forwards": 0}
+        self.max_prompt_tokens: int | None = None  # a serving limit, when the replica sets one
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, folder: str | Path, manifest: dict) -> None:
@@ -225,6 +232,9 @@ class Engine:
             fmt = manifest["model"].get("prompt_format", "{prompt}")
             enc = tok(fmt.format(prompt=prompt), return_tensors="pt")
             n_prompt = enc["input_ids"].shape[1]
+            if self.max_prompt_tokens is not None and n_prompt > self.max_prompt_tokens:
+                raise RequestTooLargeError(f"the prompt has {n_prompt} tokens, over this server's limit of "
+                                           f"{self.max_prompt_tokens} (serve.max_prompt_tokens)")
             kwargs = dict(max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id)
             if temperature > 0:
                 if seed is not None:

@@ -1,0 +1,88 @@
+"""The served API against its own OpenAPI schema: schemathesis sends generated requests (bounded)
+and no input gives a 5xx, every status is declared, every body conforms to its declared schema
+(errors included); request limits answer 413 in the declared error shape."""
+
+import httpx
+import jsonschema
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+pytestmark = pytest.mark.slow
+
+LIMITS = {"max_inputs": 8, "max_body_bytes": 4096, "max_prompt_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def apps(trained_adapters, serve_port, ray_session):
+    from serve.app import deploy, shutdown
+
+    cls, lm = trained_adapters("lora"), trained_adapters("alora")
+    url = deploy({"toy": str(cls["folder"])}, port=serve_port, name="schema-cls", route_prefix="/sc",
+                 num_cpus=0.25, base=cls["spec"].model.model_dump(mode="json"), limits=LIMITS)
+    lm_url = deploy({"lm": str(lm["folder"])}, port=serve_port, name="schema-lm", route_prefix="/sl",
+                    num_cpus=0.25, base=lm["spec"].model.model_dump(mode="json"), limits=LIMITS)
+    yield {"cls": url, "lm": lm_url}
+    shutdown("schema-cls")
+    shutdown("schema-lm")
+
+
+def test_no_input_gives_a_server_error_and_responses_conform(apps):
+    """Every operation of the app's schema, 30 generated requests each (bounded)."""
+    api = schemathesis.openapi.from_url(f"{apps['cls']}/openapi.json")
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/classify", "/v1/completions", "/v1/models", "/healthz"}
+    seen = []
+    for op in operations:
+
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=op.as_strategy())
+        def check(case):
+            response = case.call(timeout=60)
+            seen.append(response.status_code)
+            assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+            case.validate_response(response, checks=[status_code_conformance, content_type_conformance,
+                                                     response_schema_conformance])
+
+        check()
+    assert len(seen) >= 4 * 10 and {200, 404, 422} <= set(seen), sorted(set(seen))
+
+
+def _validate_error(url, payload):
+    """`payload` against the ErrorBody the app's own schema declares."""
+    components = httpx.get(f"{url}/openapi.json", timeout=30).json()["components"]
+    schema_ = {"$ref": "#/components/schemas/ErrorBody", "components": components}
+    jsonschema.validate(payload, schema_)
+
+
+@pytest.mark.parametrize("body,what", [
+    ({"adapter": "toy", "inputs": ["good"] * 9}, "9 inputs in one request, over this server's limit of 8"),
+    ({"adapter": "toy", "inputs": ["good " * 1000]}, "over this server's limit of 4096 (serve.max_body_bytes)"),
+])
+def test_limits_answer_413_in_the_declared_shape(apps, body, what):
+    r = httpx.post(f"{apps['cls']}/v1/classify", json=body, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large", r.text
+    assert what in r.json()["error"]["message"]
+    _validate_error(apps["cls"], r.json())
+
+
+def test_a_long_prompt_answers_413(apps):
+    r = httpx.post(f"{apps['lm']}/v1/completions", json={"model": "lm", "prompt": "say the word good " * 10,
+                                                          "max_tokens": 2}, timeout=60)
+    assert r.status_code == 413 and "over this server's limit of 12 (serve.max_prompt_tokens)" in r.text
+    ok = httpx.post(f"{apps['lm']}/v1/completions", json={"model": "lm", "prompt": "say", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+def test_every_error_status_is_declared(apps):
+    spec = httpx.get(f"{apps['cls']}/openapi.json", timeout=30).json()
+    for path in ("/v1/classify", "/v1/completions"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"200", "400", "401", "404", "413", "422"} <= set(responses), responses
+        for code in ("400", "404", "413", "422"):
+            assert responses[code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
