@@ -247,10 +247,11 @@ def check_sparsity(model_dir: Path, every_layer: Annotated[bool, typer.Option(he
 
 
 @app.command()
-def serve(target: Annotated[str, typer.Argument(
-              help="A spec file, an MLflow URI (models:/NAME@ALIAS) or an adapter folder.")],
+def serve(targets: Annotated[list[str], typer.Argument(
+              help="A spec file, or adapters: MLflow URIs (models:/NAME@ALIAS) or folders, each optionally "
+                   "NAME=REF for the name clients use.")],
           set_: SetOpt = None,
-          name: Annotated[Optional[str], typer.Option(help="Adapter name clients use.")] = None,
+          name: Annotated[Optional[str], typer.Option(help="Adapter name clients use (one adapter).")] = None,
           host: Annotated[Optional[str], typer.Option()] = None,
           port: Annotated[Optional[int], typer.Option()] = None,
           tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ references.")] = None,
@@ -258,7 +259,7 @@ def serve(target: Annotated[str, typer.Argument(
               help="The base model the replica builds (folder, hub id or package:MODULE). A spec gives it; "
                    "a registered adapter has it recorded; an adapter folder needs it.")] = None,
           ) -> None:
-    """Serve an adapter over HTTP until Ctrl-C."""
+    """Serve adapters over HTTP until Ctrl-C (one base model; the adapters share it)."""
     _quiet()
     import time
 
@@ -266,10 +267,12 @@ def serve(target: Annotated[str, typer.Argument(
     from serve.app import deploy
     from workers.stages import ensure_ray
 
-    if target.endswith((".yaml", ".yml")) and Path(target).is_file():
-        s, _ = _load(Path(target), set_)
-        ref = f"models:/{s.registered_model_name()}@{s.track.alias}"
-        adapter = name or s.name
+    first = targets[0]
+    if first.endswith((".yaml", ".yml")) and Path(first).is_file():
+        if len(targets) > 1:
+            fail("give a spec alone (list more adapters under serve.adapters), or adapters without a spec")
+        s, _ = _load(Path(first), set_)
+        adapters = {name or s.name: f"models:/{s.registered_model_name()}@{s.track.alias}", **s.serve.adapters}
         uri = tracking_uri or tracking.tracking_uri(s)
         sv = s.serve
         base_model = s.model.model_dump(mode="json") if base is None else {"name": base}
@@ -278,23 +281,34 @@ def serve(target: Annotated[str, typer.Argument(
         from pipelines.spec import PipelineSpec  # noqa: F401  (keeps the import cost in one place)
         from serve.config import ServeSpec
 
-        ref, uri = target, _store_uri(tracking_uri)
-        adapter = name or Path(target.rstrip("/")).name.split("@")[0] or "adapter"
+        if name and len(targets) > 1:
+            fail("--name names one adapter; with several, write NAME=REF for each")
+        adapters = {}
+        for target in targets:
+            named = "=" in target and not target.startswith("models:/")
+            label, _, ref = target.partition("=") if named else ("", "", target)
+            label = label or name or Path(ref.rstrip("/")).name.split("@")[0] or "adapter"
+            if label in adapters:
+                fail(f"two adapters are named {label!r}; write NAME=REF to tell them apart")
+            adapters[label] = ref
+        uri = _store_uri(tracking_uri)
         sv = ServeSpec()
         base_model = {"name": base} if base is not None else None
-        if base_model is None and not ref.startswith("models:/"):
-            fail(f"{ref}: name the base model with --base MODEL (an adapter's own manifest never chooses the "
-                 "base a server builds)")
+        folders = [ref for ref in adapters.values() if not ref.startswith("models:/")]
+        if base_model is None and folders:
+            fail(f"{folders[0]}: name the base model with --base MODEL (an adapter's own manifest never chooses "
+                 "the base a server builds)")
         import ray
 
         ray.init(logging_level=logging.WARNING)
-    url = deploy({adapter: ref}, host=host or sv.host, port=port or sv.port, name=sv.app_name,
+    url = deploy(adapters, host=host or sv.host, port=port or sv.port, name=sv.app_name,
                  route_prefix=sv.route_prefix, tracking_uri=uri, num_replicas=sv.num_replicas,
                  num_cpus=sv.num_cpus, threads=sv.threads, api_key_env=sv.api_key_env,
                  max_new_tokens=sv.max_new_tokens, base=base_model, max_ongoing_requests=sv.max_ongoing_requests,
                  max_batch_size=sv.max_batch_size, batch_wait_timeout_s=sv.batch_wait_timeout_s,
                  limits=sv.limits())
-    console.print(f"serving adapter {adapter!r} ({ref}) at {url}  (Ctrl-C stops)")
+    listing = ", ".join(f"{k!r} ({v})" for k, v in adapters.items())
+    console.print(f"serving {listing} at {url}  (Ctrl-C stops)")
     try:
         while True:
             time.sleep(3600)

@@ -142,7 +142,7 @@ def run_pipeline(spec: PipelineSpec, spec_dict: dict, console: Console, *, keep_
     t = time.perf_counter()
     with console.status(f"deploying {reg.model_uri} on Ray Serve..."):
         url = deploy(
-            {adapter: reg.model_uri}, host=spec.serve.host, port=spec.serve.port,
+            {adapter: reg.model_uri, **spec.serve.adapters}, host=spec.serve.host, port=spec.serve.port,
             name=spec.serve.app_name, route_prefix=spec.serve.route_prefix,
             tracking_uri=tracking.tracking_uri(spec), num_replicas=spec.serve.num_replicas,
             num_cpus=spec.serve.num_cpus, threads=spec.serve.threads,

@@ -97,6 +97,10 @@ class PipelineSpec(StrictModel):
             p = Path(value).expanduser()
             if not value.startswith("package:") and not p.is_absolute() and (base / p).exists():
                 setattr(section, key, str((base / p).resolve()))
+        for name, ref in out.serve.adapters.items():  # adapter folders: replicas run elsewhere
+            p = Path(ref).expanduser()
+            if not ref.startswith(("models:/", "runs:/")) and not p.is_absolute() and (base / p).exists():
+                out.serve.adapters[name] = str((base / p).resolve())
         out.workspace = str(self.workspace_path())
         return out
 

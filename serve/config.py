@@ -12,6 +12,11 @@ class ServeSpec(StrictModel):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
     route_prefix: str = Field("/", description="URL prefix of the app.")
     app_name: str = Field("adapterflow", description="Ray Serve application name.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="More adapters to serve beside the pipeline's own: name -> registry reference "
+        "(models:/NAME@ALIAS) or adapter folder. All share the replica's base model.",
+    )
     num_replicas: int = Field(1, gt=0, description="Ray Serve replicas (each holds one base model).")
     num_cpus: float = Field(
         0.5, gt=0, description="CPUs per replica (fractional so serving and training coexist)."

@@ -181,8 +181,9 @@ def test_serve_command_serves_an_adapter_folder(adapters, server, ray_session):
     from ray import serve
 
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
-    cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(adapters["cls"][1]), "--name", "folder-toy",
-           "--base", adapters["cls"][0].model.name]
+    # two adapters on one base: the folder under two names (NAME=REF)
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", f"folder-toy={adapters['cls'][1]}",
+           f"twin={adapters['cls'][1]}", "--base", adapters["cls"][0].model.name]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
@@ -190,7 +191,7 @@ def test_serve_command_serves_an_adapter_folder(adapters, server, ray_session):
         while time.monotonic() < deadline:
             try:
                 r = httpx.get(f"{server}/healthz", timeout=5)
-                if r.status_code == 200 and r.json().get("adapters") == ["folder-toy"]:
+                if r.status_code == 200 and r.json().get("adapters") == ["folder-toy", "twin"]:
                     break
             except httpx.HTTPError:
                 pass
@@ -200,6 +201,8 @@ def test_serve_command_serves_an_adapter_folder(adapters, server, ray_session):
             pytest.fail("adapterflow serve did not come up in 120 s")
         r = httpx.post(f"{server}/v1/classify", json={"adapter": "folder-toy", "inputs": ["good great"]}, timeout=60)
         assert r.status_code == 200 and r.json()["results"][0]["label"] in ("negative", "positive")
+        twin = httpx.post(f"{server}/v1/classify", json={"adapter": "twin", "inputs": ["good great"]}, timeout=60)
+        assert twin.json()["results"] == r.json()["results"]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -107,9 +107,11 @@ def test_example_specs_validate(path):
 
 def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
+    (tmp_path / "adapters" / "a").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    s = parse_spec(base(data={"path": "data"}))
+    s = parse_spec(base(data={"path": "data"}, serve={"adapters": {"a": "adapters/a", "b": "models:/b@champion"}}))
     assert s.data.path == str((tmp_path / "data").resolve())
+    assert s.serve.adapters == {"a": str((tmp_path / "adapters" / "a").resolve()), "b": "models:/b@champion"}
     assert parse_spec(base(data={"path": "stanfordnlp/sst2"})).data.path == "stanfordnlp/sst2"
 
 
