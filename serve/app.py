@@ -96,7 +96,7 @@ class AdapterServer:
     def __init__(self, adapters: dict[str, str], tracking_uri: str | None = None,
                  threads: int = 1, api_key_env: str | None = None, max_new_tokens: int = 64,
                  base: dict | None = None, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005,
-                 limits: dict | None = None):
+                 limits: dict | None = None, app_name: str = "adapterflow"):
         from serve import app as module  # the class travels by value: the module's own globals
 
         module.LIMITS.update(limits or {})
@@ -112,9 +112,13 @@ class AdapterServer:
                     f"serve.api_key_env is {api_key_env!r} but that variable is not set on the replica"
                 )
         from serve.app import build_engine  # the class travels by value: import what it calls
+        from serve.metrics import ReplicaMetrics
 
         self.engine = build_engine(adapters, base, tracking_uri, threads)
         self.engine.max_prompt_tokens = module.LIMITS["max_prompt_tokens"]
+        self.metrics = ReplicaMetrics(app_name)
+        self.engine.on_forward = self.metrics.forward
+        self.metrics.adapters(len(self.engine.adapters), list(self.engine.load_seconds.values()))
         self.max_new_tokens = max_new_tokens
 
     def _auth(self, request: Request) -> None:
@@ -155,6 +159,7 @@ class AdapterServer:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _classify_batch(self, items: list[tuple[str, list]]) -> list:
         # concurrent requests share forwards; the forward runs off the event loop
+        self.metrics.batch(len(items))
         return await asyncio.to_thread(self.engine.classify_batch, items)
 
     @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
@@ -162,6 +167,13 @@ class AdapterServer:
     async def classify(self, body: ClassifyRequest, request: Request):
         self._auth(request)
         self._count(len(body.inputs), "inputs")
+        self.metrics.enter()
+        try:
+            return await self._classify(body)
+        finally:
+            self.metrics.leave()
+
+    async def _classify(self, body: ClassifyRequest) -> dict:
         if self.engine.monte_carlo_samples(body.adapter, body.samples):  # sampled forwards: on their own
             results = await asyncio.to_thread(self.engine.classify, body.adapter, body.inputs,
                                               samples=body.samples, seed=body.seed)
@@ -231,14 +243,15 @@ def operator_base(adapters: dict[str, str], tracking_uri: str | None = None) -> 
 def build_app(adapters: dict[str, str], *, tracking_uri: str | None = None, num_replicas: int = 1,
               num_cpus: float = 0.5, threads: int = 1, api_key_env: str | None = None,
               max_new_tokens: int = 64, base: dict | None = None, max_ongoing_requests: int = 64,
-              max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, limits: dict | None = None):
+              max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, limits: dict | None = None,
+              app_name: str = "adapterflow"):
     if base is None:  # fail in the driver, before any replica starts
         base = operator_base(adapters, tracking_uri)
     return AdapterServer.options(
         num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus},
         max_ongoing_requests=max_ongoing_requests,
     ).bind(adapters, tracking_uri, threads, api_key_env, max_new_tokens, base, max_batch_size,
-           batch_wait_timeout_s, limits)
+           batch_wait_timeout_s, limits, app_name)
 
 
 def deploy(adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000, name: str = "adapterflow",
@@ -259,7 +272,7 @@ def deploy(adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 800
         host, port = opts.host, opts.port
     except (ImportError, AttributeError):
         pass
-    serve.run(build_app(adapters, **kwargs), name=name, route_prefix=route_prefix)
+    serve.run(build_app(adapters, app_name=name, **kwargs), name=name, route_prefix=route_prefix)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 

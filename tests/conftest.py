@@ -18,6 +18,16 @@ sys.path.insert(0, str(TESTS / "plugins"))  # the toy method plugin (tests/plugi
 
 import faults  # noqa: E402
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+METRICS_PORT = _free_port()  # Ray's Prometheus endpoint for this test run
 FAULT_PLAN = Path(os.environ.setdefault(faults.PLAN_ENV, f"/tmp/adapterflow-fault-plan-{os.getpid()}.json"))
 
 from helpers import (  # noqa: E402
@@ -73,6 +83,7 @@ def ray_session():
         cloudpickle.register_pickle_by_value(faults)  # the hook travels by value: workers need no tests/
         env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", API_KEY_ENV, faults.PLAN_ENV)}
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
+                 _metrics_export_port=METRICS_PORT,
                  runtime_env={"env_vars": env, "worker_process_setup_hook": faults.worker_setup,
                               "py_modules": [str(TESTS / "plugins" / "toy_gain")]})
     yield ray
@@ -116,6 +127,12 @@ def sparse_base(tiny_llama, tmp_path_factory):
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_session) -> str:
+    """Ray's metrics endpoint (Prometheus text) of this test run's Ray instance."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
 
 
 @pytest.fixture

@@ -111,3 +111,29 @@ def test_probabilities_match_the_library_directly(server, trained_adapters):
         ref = torch.softmax(model(**enc).logits, -1)[:, 1].tolist()
     got = httpx.post(f"{server}/lb/v1/classify", json={"adapter": "l1", "inputs": TEXTS[:4]}, timeout=60).json()
     assert [r["probabilities"]["positive"] for r in got["results"]] == pytest.approx(ref, abs=1e-5)
+
+
+def test_metrics_are_exported(server, metrics_url):
+    """Ours (batch sizes, forwards mixed or not, requests in flight, adapters resident, load latency)
+    beside Serve's built-in ones, on Ray's metrics endpoint."""
+    import re
+    import time
+
+    asyncio.run(_concurrently(f"{server}/lb/v1/classify", _requests("l1", "l2")))
+    wanted = ["ray_adapterflow_batch_rows_bucket", "ray_adapterflow_batch_requests_bucket",
+              "ray_adapterflow_forwards_total", "ray_adapterflow_requests_in_flight",
+              "ray_adapterflow_adapters_resident", "ray_adapterflow_adapter_load_seconds_bucket", "ray_serve_"]
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(metrics_url, timeout=10).text
+        if all(w in text for w in wanted) and 'mixed="true"' in text:
+            break
+        time.sleep(3)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    resident = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("ray_adapterflow_adapters_resident{") and 'app="lora-batch"' in line]
+    assert resident == [2.0], resident
+    mixed = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if re.match(r"ray_adapterflow_forwards_total\{.*app=\"lora-batch\".*mixed=\"true\"", line)]
+    assert mixed and mixed[0] > 0, mixed

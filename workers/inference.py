@@ -42,11 +42,16 @@ class Engine:
         # forwards run, rows they held, and forwards that mixed adapters (PEFT adapter_names)
         self.stats = {"forwards": 0, "rows": 0, "mixed_forwards": 0}
         self.max_prompt_tokens: int | None = None  # a serving limit, when the replica sets one
+        self.on_forward = None  # called with (rows, mixed) after each batched forward, when set
+        self.load_seconds: dict[str, float] = {}  # adapter -> time its load took
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, folder: str | Path, manifest: dict) -> None:
+        import time
+
         from workers.trust import check_against_base, refuse_remote_code
 
+        started = time.perf_counter()
         folder = Path(folder)
         refuse_remote_code(manifest, folder)
         check_against_base(manifest, self.spec, self.base_sha256, folder)
@@ -78,6 +83,7 @@ class Engine:
                 from workers.models import adapter_tokenizer
 
                 self.tokenizers[name] = adapter_tokenizer(self.spec, folder)
+        self.load_seconds[name] = time.perf_counter() - started
         log.info("loaded adapter %s (%s) from %s", name, manifest["method"], folder)
 
     def _select(self, name: str, task: str):
@@ -175,6 +181,8 @@ class Engine:
                         probs = torch.softmax(self.model(**enc, **kwargs).logits.float(), -1)
                     self.stats["forwards"] += 1
                     self.stats["rows"] += len(chunk)
+                    if self.on_forward is not None:
+                        self.on_forward(len(chunk), "adapter_names" in kwargs)
                     for (i, _, _), row in zip(chunk, probs.tolist()):
                         rows_of[i].append(row)
         for i, rows in rows_of.items():

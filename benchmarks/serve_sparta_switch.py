@@ -1,0 +1,86 @@
+"""P6: switching between SpaRTA adapters in a live replica (the in-place delta merge/unmerge of
+`workers/methods/sparta/inference.py`) against reloading the base model and the adapter, in one run.
+One JSON line per figure.
+
+    .venv/bin/python benchmarks/serve_sparta_switch.py [--repeats 20]
+
+Two SpaRTA adapters are trained on the demo spec (MiniLM, local mode, a few steps; the switch cost
+does not depend on quality). A switch is measured as a one-sentence classify request that alternates
+adapters minus the same request without a switch; a reload as building a replica's engine for one
+adapter (base model + adapter, checks included). Goal (issue 9): reload / switch >= 50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from workers.common import quiet_environment  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from a hub at run time
+quiet_environment()
+
+
+def train(tmp: Path, seed: int) -> tuple[Path, dict]:
+    from pipelines.spec import load_spec
+    from workers.stages import build_artifact, ensure_ray, launch_training
+
+    spec = load_spec(ROOT / "pipelines" / "examples" / "sparta.yaml",
+                     ["train.num_workers=0", "train.max_steps=4", f"train.seed={seed}", f"adapter.seed={seed}",
+                      f"workspace={tmp / 'ws'}"])
+    ensure_ray(spec)
+    out = launch_training(spec, run_name=f"switch-{seed}")
+    return build_artifact(spec, out.checkpoint, tmp / f"adapter-{seed}"), spec.model.model_dump(mode="json")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args(argv)
+
+    from serve.app import build_engine
+
+    with tempfile.TemporaryDirectory() as t:
+        a, base = train(Path(t), 1)
+        b, _ = train(Path(t), 2)
+        engine = build_engine({"a": str(a), "b": str(b)}, base)
+        text = ["A warm, funny and moving story."]
+        for name in ("a", "b", "a"):  # warm-up
+            engine.classify(name, text)
+
+        def timed(names):
+            out = []
+            for name in names:
+                t0 = time.perf_counter()
+                engine.classify(name, text)
+                out.append(time.perf_counter() - t0)
+            return statistics.median(out)
+
+        same = timed(["a"] * args.repeats)
+        alternating = timed(["b", "a"] * (args.repeats // 2))
+        switch = max(alternating - same, 1e-6)
+        reloads = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            build_engine({"a": str(a)}, base)
+            reloads.append(time.perf_counter() - t0)
+        reload = statistics.median(reloads)
+        for figure in ({"figure": "P6", "what": "classify, same adapter", "median_s": round(same, 5)},
+                       {"figure": "P6", "what": "classify, switching adapter", "median_s": round(alternating, 5)},
+                       {"figure": "P6", "what": "switch (difference)", "median_s": round(switch, 5)},
+                       {"figure": "P6", "what": "reload base + adapter", "median_s": round(reload, 3)},
+                       {"figure": "P6 ratio", "reload_over_switch": round(reload / switch, 1), "goal": 50}):
+            print(json.dumps(figure), flush=True)
+
+
+if __name__ == "__main__":
+    main()
