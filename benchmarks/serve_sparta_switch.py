@@ -7,7 +7,8 @@ One JSON line per figure.
 Two SpaRTA adapters are trained on the demo spec (MiniLM, local mode, a few steps; the switch cost
 does not depend on quality). A switch is measured as a one-sentence classify request that alternates
 adapters minus the same request without a switch; a reload as building a replica's engine for one
-adapter (base model + adapter, checks included). Goal (issue 9): reload / switch >= 50.
+adapter (base model + adapter, checks included), with the base's weight digest cached in the process
+and recomputed as a new replica does. Goal (issue 9): reload / switch >= 50.
 """
 
 from __future__ import annotations
@@ -68,17 +69,28 @@ def main(argv=None) -> None:
         same = timed(["a"] * args.repeats)
         alternating = timed(["b", "a"] * (args.repeats // 2))
         switch = max(alternating - same, 1e-6)
-        reloads = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            build_engine({"a": str(a)}, base)
-            reloads.append(time.perf_counter() - t0)
-        reload = statistics.median(reloads)
+        from workers.models import _fingerprint
+
+        def reload_time(fresh_digest: bool) -> float:
+            times = []
+            for _ in range(3):
+                if fresh_digest:  # what a new replica process does: hash the base's weights again
+                    _fingerprint.cache_clear()
+                t0 = time.perf_counter()
+                build_engine({"a": str(a)}, base)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        reload = reload_time(False)
+        cold = reload_time(True)
         for figure in ({"figure": "P6", "what": "classify, same adapter", "median_s": round(same, 5)},
                        {"figure": "P6", "what": "classify, switching adapter", "median_s": round(alternating, 5)},
                        {"figure": "P6", "what": "switch (difference)", "median_s": round(switch, 5)},
-                       {"figure": "P6", "what": "reload base + adapter", "median_s": round(reload, 3)},
-                       {"figure": "P6 ratio", "reload_over_switch": round(reload / switch, 1), "goal": 50}):
+                       {"figure": "P6", "what": "reload base + adapter, base digest cached", "median_s": round(reload, 3)},
+                       {"figure": "P6", "what": "reload base + adapter, base digest recomputed (a new replica)",
+                        "median_s": round(cold, 3)},
+                       {"figure": "P6 ratio", "reload_over_switch": round(reload / switch, 1),
+                        "new_replica_reload_over_switch": round(cold / switch, 1), "goal": 50}):
             print(json.dumps(figure), flush=True)
 
 
