@@ -2,7 +2,8 @@
 
 Routes: `GET /healthz`, `GET /v1/models`, `GET /v1/stats` (batching counters), `POST /v1/classify`
 (seq-cls adapters; concurrent requests are batched, see `AdapterServer._classify_batch`) and
-`POST /v1/completions` (causal-LM adapters, OpenAI request and response shape, non-streaming).
+`POST /v1/completions` and `POST /v1/chat/completions` (causal-LM adapters, OpenAI request and
+response shapes, non-streaming).
 Errors are JSON `{"error": {"type", "message", "code"}}`, from one handler over the error tree
 (`workers.errors`): unknown adapter 404, malformed body 422, wrong task for the adapter 400, missing
 or wrong API key 401, an adapter that does not fit the replica 409, a platform fault 500.
@@ -23,6 +24,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from serve.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     ClassifyRequest,
     ClassifyResponse,
     CompletionRequest,
@@ -205,6 +208,21 @@ class AdapterServer:
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
                           "total_tokens": n_prompt + n_out}}
 
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses=error_responses(400, 401, 404, 413, 422))
+    def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._auth(request)
+        self._count(len(body.messages), "messages")
+        prompt = self.engine.chat_prompt(body.model, [m.model_dump() for m in body.messages])
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        r = self.engine.complete(body.model, prompt, max_tokens=body.max_completion_tokens or body.max_tokens or 16,
+                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.model, "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
+                                                  "logprobs": None, "finish_reason": r["finish_reason"]}],
+                "usage": {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+                          "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}}
 
 def build_engine(adapters: dict[str, str], base: dict | None, tracking_uri: str | None = None, threads: int = 1):
     """What a replica holds: the operator's base with the adapters loaded (each resolved, verified and

@@ -15,6 +15,9 @@ from helpers import need_shared, spec_for
 
 pytestmark = pytest.mark.slow
 
+# the messages' contents joined by spaces (stories260K's tokenizer has no chat template of its own)
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
+
 
 @pytest.fixture(scope="module")
 def adapters(tiny_llama, toy_data, toy_instruct, tmp_path_factory, ray_session):
@@ -41,8 +44,9 @@ def adapters(tiny_llama, toy_data, toy_instruct, tmp_path_factory, ray_session):
 def server(adapters, serve_port, ray_session):
     from serve.app import deploy, shutdown
 
-    def base(kind):  # the operator's base: the spec's model section
-        return adapters[kind][0].model.model_dump(mode="json")
+    def base(kind):  # the operator's base: the spec's model section (the LM's with a chat template)
+        model = adapters[kind][0].model.model_dump(mode="json")
+        return {**model, "chat_template": CHAT_TEMPLATE} if kind == "lm" else model
 
     url = deploy({"toy": str(adapters["cls"][1])}, port=serve_port, name="cls", route_prefix="/cls",
                  num_cpus=0.25, base=base("cls"))
@@ -231,3 +235,31 @@ def test_pvera_monte_carlo_over_http(server):
     lm = httpx.post(f"{server}/lm/v1/completions", json={"model": "story", "prompt": "hi", "samples": 4},
                     headers=headers, timeout=120)
     assert lm.status_code == 400 and lm.json()["error"]["type"] == "wrong_task"
+
+
+def test_chat_completions_with_the_openai_client(server):
+    """The official client's chat call: the messages rendered by the operator's chat template, then
+    answered exactly as /v1/completions answers the rendered prompt."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/lm/v1", api_key=os.environ[API_KEY_ENV])
+    chat = client.chat.completions.create(model="story", max_tokens=8, temperature=0,
+                                          messages=[{"role": "user", "content": "Once upon"},
+                                                    {"role": "user", "content": "a time"}])
+    plain = client.completions.create(model="story", prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == plain.choices[0].text and plain.choices[0].text
+    assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert chat.choices[0].finish_reason == plain.choices[0].finish_reason
+
+
+def test_chat_without_a_template_is_a_clear_400(trained_adapters):
+    from workers.artifact import verify
+    from workers.errors import WrongTaskError
+    from workers.inference import Engine
+
+    trained = trained_adapters("alora")  # the tiny Llama's tokenizer has no chat template
+    engine = Engine(trained["spec"].model)
+    engine.add_adapter("a", trained["folder"], verify(trained["folder"]))
+    with pytest.raises(WrongTaskError, match="no chat template.*set model.chat_template"):
+        engine.chat_prompt("a", [{"role": "user", "content": "hi"}])

@@ -37,6 +37,10 @@ class ModelSpec(StrictModel):
     pad_token: str | None = Field(
         None, description="Pad token to set when the tokenizer has none (default: unk, else eos)."
     )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template /v1/chat/completions renders messages with (causal-lm); "
+        "null = the tokenizer's own. The rendered chat is then wrapped by prompt_format.",
+    )
     revision: str | None = Field(None, description="Hub revision (hub ids only).")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off.")
 

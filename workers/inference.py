@@ -11,6 +11,7 @@ from workers.config import ModelSpec
 from workers.errors import (
     AdapterflowError,
     AdapterIntegrityError,
+    RequestError,
     RequestTooLargeError,
     UnknownAdapterError,
     WrongTaskError,
@@ -226,6 +227,22 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ completion
+    def chat_prompt(self, name: str, messages: list[dict]) -> str:
+        """The prompt a chat request makes: the messages rendered by `model.chat_template` (the
+        operator's, else the training run's), else the adapter's tokenizer's own chat template."""
+        with self._lock:
+            manifest = self._check(name, "causal-lm")
+        tok = self.tokenizers.get(name, self.tokenizer)
+        template = self.spec.chat_template or manifest["model"].get("chat_template") or tok.chat_template
+        if not template:
+            raise WrongTaskError(f"adapter {name!r}: no chat template (its tokenizer has none and model.chat_template "
+                                 "is not set); set model.chat_template, or use /v1/completions")
+        try:
+            return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                           add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - jinja raises many kinds on a message the template rejects
+            raise RequestError(f"the chat template cannot render these messages: {exc}") from None
+
     def complete(self, name: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
                  samples: int | None = None) -> dict:

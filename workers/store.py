@@ -30,7 +30,7 @@ def base_record(model) -> dict:
     from workers.trust import ADAPTER_KEYS, BASE_KEYS
 
     data = model.model_dump(mode="json")
-    return {k: data[k] for k in (*BASE_KEYS, *ADAPTER_KEYS) if data.get(k) is not None}
+    return {k: data[k] for k in (*BASE_KEYS, *ADAPTER_KEYS, "chat_template") if data.get(k) is not None}
 
 
 def registered_version(ref: str, tracking_uri: str | None = None):

@@ -18,7 +18,7 @@ from pathlib import Path
 from workers.config import ModelSpec
 from workers.errors import AdapterIntegrityError
 
-BASE_KEYS = ("name", "revision", "dtype", "trust_remote_code")  # the operator's
+BASE_KEYS = ("name", "revision", "dtype", "trust_remote_code")  # the operator's (and chat_template when set)
 ADAPTER_KEYS = ("task", "num_labels", "id2label", "prompt_format", "pad_token")  # what the adapter was trained for
 
 
@@ -39,6 +39,9 @@ def serving_spec(manifest: dict, base: ModelSpec | dict, folder: Path | str = "a
     trained = manifest.get("model") or {}
     fields = {k: trained[k] for k in ADAPTER_KEYS if trained.get(k) is not None}
     fields.update({k: getattr(base, k) for k in BASE_KEYS})
+    template = base.chat_template or trained.get("chat_template")  # the operator's, else the training run's
+    if template:
+        fields["chat_template"] = template
     if "task" not in fields:
         fields["task"] = manifest.get("task", base.task)
     return ModelSpec.model_validate(fields)
