@@ -24,23 +24,47 @@ class SpartaModel(nn.Module):
         self.adapters: dict[str, dict] = {}
         self.folders: dict[str, Path] = {}
         self.active: str | None = None
-        self._originals: dict[str, object] = {}
+        self._params: dict | None = None  # name -> parameter, refreshed when a load may replace tensors
         self.config = getattr(base, "config", None)
 
     def load_adapter(self, folder, adapter_name: str = "default", **_):
         if adapter_name in self.adapters:
             raise AdapterIntegrityError(f"adapter {adapter_name!r} is already loaded")
-        self.adapters[adapter_name] = read_adapter(Path(folder), self.base_model, self.task)
+        active = self.active
+        self.unmerge()  # the base as it is: its values at the adapter's indices are what a merge overwrites
+        try:
+            entries = read_adapter(Path(folder), self.base_model, self.task)["entries"]
+        except Exception:
+            if active is not None:
+                self.set_adapter(active)  # a refused adapter leaves the replica as it was
+            raise
+        self._params = None  # loading may have grown the embeddings (a new tensor)
+        params = self._param_map()
+        prepared = []
+        for pname, flat, delta, init in entries:
+            view = params[pname].data.view(-1)
+            original = view[flat].clone()
+            src = original.float() if init is None else init
+            # a switch only writes: the base's values back, this adapter's merged values in
+            prepared.append((pname, flat, original, (src + delta).to(view.dtype)))
+        self.adapters[adapter_name] = {"entries": prepared}
         self.folders[adapter_name] = Path(folder)
-        if self.active is None:
-            self.set_adapter(adapter_name)
+        for adapter in self.adapters.values():  # flat views of the current tensors, for every adapter
+            adapter["views"] = [params[pname].data.view(-1) for pname, *_ in adapter["entries"]]
+        self.set_adapter(active or adapter_name)
+
+    def _param_map(self) -> dict:
+        if self._params is None:
+            self._params = named_parameters(self.base_model)
+        return self._params
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        params = named_parameters(self.base_model)
-        for name, (flat, values) in self._originals.items():
-            params[name].data.view(-1)[flat] = values
-        self._originals = {}
+        """The base restored exactly (the overwritten values were kept)."""
+        if self.active is not None:
+            adapter = self.adapters[self.active]
+            for view, (_, flat, original, _) in zip(adapter["views"], adapter["entries"]):
+                view.index_put_((flat,), original)
         self.active = None
 
     @torch.no_grad()
@@ -50,12 +74,9 @@ class SpartaModel(nn.Module):
         if name not in self.adapters:
             raise KeyError(name)
         self.unmerge()
-        params = named_parameters(self.base_model)
-        for pname, flat, delta, init in self.adapters[name]["entries"]:
-            view = params[pname].data.view(-1)
-            self._originals[pname] = (flat, view[flat].clone())
-            src = view[flat].float() if init is None else init
-            view[flat] = (src + delta).to(view.dtype)
+        adapter = self.adapters[name]
+        for view, (_, flat, _, merged) in zip(adapter["views"], adapter["entries"]):
+            view.index_put_((flat,), merged)
         self.active = name
 
     @property
@@ -71,7 +92,7 @@ class SpartaModel(nn.Module):
     def merge_and_unload(self):
         """The base with the active adapter merged; this wrapper lets go of it."""
         base = self.base_model
-        self._originals, self.adapters, self.active = {}, {}, None
+        self.adapters, self.active = {}, None
         return base
 
     def save_pretrained(self, directory, safe_serialization: bool = True, **_):
