@@ -23,9 +23,9 @@ TEXTS = METHOD_TEXTS + ["good movie", "the plot was dull", "warm and lovely", "a
 
 
 def perturbed_copy(folder, dst, weights_file, scale=-1.5):
-    """Another real adapter: the trained one with every weight scaled, with its own manifest."""
+    """Another real adapter: the trained one with every float weight scaled, with its own manifest."""
     shutil.copytree(folder, dst)
-    tensors = {k: v * scale for k, v in load_file(str(dst / weights_file)).items()}
+    tensors = {k: v * scale if v.is_floating_point() else v for k, v in load_file(str(dst / weights_file)).items()}
     save_file(tensors, str(dst / weights_file), metadata={"format": "pt"})
     manifest = json.loads((dst / MANIFEST).read_text())
     (dst / MANIFEST).unlink()
@@ -137,3 +137,40 @@ def test_metrics_are_exported(server, metrics_url):
     mixed = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
              if re.match(r"ray_adapterflow_forwards_total\{.*app=\"lora-batch\".*mixed=\"true\"", line)]
     assert mixed and mixed[0] > 0, mixed
+
+
+# every classifier family; the weights file a second adapter is derived from (None: one adapter per replica)
+FAMILIES = {"pvera": "adapter_model.safetensors", "sparta": "sparse_deltas.safetensors",
+            "nls": "adapter_model.safetensors", "sparsepeft": "adapter_model.safetensors", "qa-sparsepeft": None}
+
+
+@pytest.mark.parametrize("method", sorted(FAMILIES))
+def test_every_family_batched_equals_alone(method, trained_adapters, serve_port, ray_session, tmp_path):
+    """Concurrent mixed requests on a replica of each family: each answer equals the same request alone."""
+    from serve.app import deploy, shutdown
+    from workers.methods import get_method
+
+    trained = trained_adapters(method)
+    adapters = {"x1": str(trained["folder"])}
+    if FAMILIES[method]:
+        adapters["x2"] = str(perturbed_copy(trained["folder"], tmp_path / "x2", FAMILIES[method], scale=1.7))
+    name = f"fam-{method}"
+    url = deploy(adapters, port=serve_port, name=name, route_prefix=f"/{name}", num_cpus=0.25, max_batch_size=16,
+                 batch_wait_timeout_s=0.05, base=trained["spec"].model.model_dump(mode="json"))
+    try:
+        bodies = _requests("x1", "x2" if len(adapters) > 1 else "x1")[:16]
+        alone = [httpx.post(f"{url}/v1/classify", json=b, timeout=60).json()["results"] for b in bodies]
+        batched = asyncio.run(_concurrently(f"{url}/v1/classify", bodies))
+        for r, ref in zip(batched, alone):
+            assert r.status_code == 200, r.text
+            for g, w in zip(r.json()["results"], ref):
+                assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-5)
+        stats = httpx.get(f"{url}/v1/stats", timeout=30).json()
+        assert stats["forwards"] < 2 * len(bodies), stats  # the concurrent round shared forwards
+        if len(adapters) > 1:
+            one = [x[0]["probabilities"] for x in alone[0::2]]
+            two = [x[0]["probabilities"] for x in alone[1::2]]
+            assert any(abs(a[k] - b[k]) > 1e-4 for a, b in zip(one, two) for k in a), "the two adapters should differ"
+            assert (stats["mixed_forwards"] > 0) == get_method(method).shares_forward, stats
+    finally:
+        shutdown(name)
