@@ -177,15 +177,17 @@ def merge(adapter: Annotated[str, typer.Argument(help="An adapter folder or MLfl
 
 @app.command(name="import")
 def import_(
-    folder: Annotated[Path, typer.Argument(help="An adapter folder written by stock PEFT (save_pretrained).")],
+    folder: Annotated[Path, typer.Argument(help="An adapter folder written by stock PEFT (save_pretrained) or "
+                                           "peft-sparta.")],
     base: Annotated[str, typer.Option(help="The base model it was trained on (folder, hub id or package:MODULE).")],
     task: Annotated[Optional[str], typer.Option(help="seq-cls or causal-lm, when the folder does not say it.")] = None,
     set_: SetOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the artifact here (default: "
                                                    "in the folder itself, which gains adapterflow.json).")] = None,
 ) -> None:
-    """Make a stock PEFT adapter (LoRA, aLoRA, IA3, PVeRA) an adapterflow adapter: checked against its
-    base, completed with what it does not say (--task, --set model.id2label=...), given a manifest."""
+    """Make a stock PEFT adapter (LoRA, aLoRA, IA3, PVeRA) or a peft-sparta one an adapterflow adapter:
+    checked against its base, completed with what it does not say (--task, --set model.id2label=...),
+    given a manifest (pickled files converted into an --output copy where the method can)."""
     _quiet()
     from pipelines.spec import apply_override
     from workers.importer import import_adapter

@@ -3,6 +3,7 @@ for their base, are served with PEFT's own outputs (the replica's `build_engine`
 what the folder does not say is asked for by name; an adapter for another base is refused."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -149,3 +150,75 @@ def test_the_import_command(tiny_llama, tmp_path):
     assert verify(tmp_path / "peft")["model"]["id2label"] == {"0": "negative", "1": "positive"}
     r = CliRunner().invoke(app, ["import", str(tmp_path / "peft"), "--base", str(tiny_llama)])
     assert r.exit_code == 2 and "already an adapterflow adapter" in r.stderr
+
+
+def _peft_sparta():
+    try:
+        import peft_sparta
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("peft-sparta is not installed (make test installs it) - required under CI")
+        pytest.skip("peft-sparta is not installed (make test installs it)")
+    return peft_sparta
+
+
+STORY_TEXTS = ["once upon a time there was a cat", "lily saw a big dog", "the sun was warm", "tom had a red ball"]
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
+def test_peft_sparta_folders_import_and_serve_their_outputs(task, tmp_path):
+    """A SpaRTA adapter trained and saved by peft-sparta itself; its trainer's `head_init.pt` (a pickle)
+    is converted to safetensors in the imported copy (read with torch's weights-only loader)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from serve.app import build_engine
+
+    ps = _peft_sparta()
+    path = need_shared("models", "stories260K")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.eos_token
+    if task == "seq-cls":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+        model.config.pad_token_id = tok.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(2)
+    theirs = ps.SpaRTA(model, sparsity=0.97)
+    init_head = model.score.weight.detach().clone() if task == "seq-cls" else None
+    enc = tok(STORY_TEXTS, return_tensors="pt", padding=True)
+    labels = (torch.tensor([0, 1, 0, 1]) if task == "seq-cls"
+              else enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100))
+    opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=3e-3)
+    theirs.train()
+    for _ in range(8):
+        theirs(**enc, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    theirs.eval()
+    src = tmp_path / "theirs"
+    src.mkdir()
+    theirs.save(str(src), merged=False)
+    if task == "seq-cls":  # what peft-sparta's trainer writes beside the deltas (a torch.save file)
+        torch.save(init_head, src / "head_init.pt")
+        with pytest.raises(AdapterIntegrityError, match="head_init.pt would be unpickled"):
+            import_adapter(src, {"name": str(path)})
+    # a causal folder says no task (a classifier's config has problem_type, set when it trained)
+    given = None if task == "seq-cls" else "causal-lm"
+    base = {"name": str(path)}
+    if task == "seq-cls":  # nor its classes (default labels are not saved): asked for by name
+        with pytest.raises(SpecError, match="count the classes; give them: --set model.num_labels"):
+            import_adapter(src, base, output=tmp_path / "ours")
+        assert not (tmp_path / "ours").exists()
+        base["num_labels"] = 2
+    folder, manifest = import_adapter(src, base, task=given, output=tmp_path / "ours")
+    assert manifest["method"] == "sparta" and manifest["task"] == task
+    assert not [p for p in folder.iterdir() if p.suffix == ".pt"]
+    verify(folder)  # checksums, and no pickle left
+    engine = build_engine({"a": str(folder)}, {"name": str(path)})
+    engine.model.set_adapter("a")
+    for text in STORY_TEXTS:
+        one = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            want = theirs(**one).logits.float()
+            got = engine.model(**one).logits.float()
+        assert torch.allclose(got, want, atol=1e-5), text

@@ -1,7 +1,9 @@
 """`adapterflow import`: an adapter folder another library wrote (stock PEFT's `save_pretrained`:
-LoRA, aLoRA, IA3, PVeRA) becomes an adapterflow adapter: recognised by the method it belongs to,
-checked against the operator's base (it must load onto it with every weight used), completed with
-what the folder does not say (task, labels), and given a manifest with the sha256 of every file.
+LoRA, aLoRA, IA3, PVeRA; peft-sparta's SpaRTA) becomes an adapterflow adapter: recognised by the
+method it belongs to, checked against the operator's base (it must load onto it with every weight
+used), completed with what the folder does not say (task, labels), and given a manifest with the
+sha256 of every file. Pickled files are converted into a copy (`output`) where the method can read
+them as plain tensors (torch's weights-only loader), else refused.
 """
 
 from __future__ import annotations
@@ -28,8 +30,19 @@ def _config(folder: Path) -> dict | None:
         raise AdapterIntegrityError(f"{f}: not valid JSON ({exc})") from None
 
 
+def _model_config(folder: Path) -> dict:
+    """The transformers `config.json` some libraries save beside an adapter (peft-sparta does)."""
+    f = folder / "config.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def _task(folder: Path, config: dict | None, given: str | None) -> str:
     said = PEFT_TASKS.get((config or {}).get("task_type") or "")
+    if not said and _model_config(folder).get("problem_type"):  # set by transformers when a classifier trains
+        said = "seq-cls"
     if given and said and given != said:
         raise SpecError(f"{folder}: the adapter says task {said!r}, but --task is {given!r}")
     task = given or said
@@ -70,18 +83,24 @@ def import_adapter(folder: str | Path, base: dict, task: str | None = None,
     if (src / MANIFEST).is_file():
         raise AdapterIntegrityError(f"{src}: already an adapterflow adapter ({MANIFEST} present); serve it as it is")
     pickles = sorted(p.name for p in src.iterdir() if is_pickle(p))
-    if pickles:
-        raise AdapterIntegrityError(f"{src}: {', '.join(pickles)} would be unpickled to load; save the adapter "
-                                    "with safetensors (PEFT: save_pretrained(..., safe_serialization=True))")
+    if pickles and (output is None or Path(output) == src):
+        raise AdapterIntegrityError(
+            f"{src}: {', '.join(pickles)} would be unpickled to load; save the adapter with safetensors (PEFT: "
+            "save_pretrained(..., safe_serialization=True)), or give --output DIR for a converted copy where the "
+            "method can convert them")
     config = _config(src)
     task = _task(src, config, task)
     fields = {**base, "task": task}
     if task == "seq-cls" and not fields.get("id2label") and not fields.get("num_labels"):
         n = _head_labels(src)
+        saved = _model_config(src).get("id2label")
+        if n is None and saved:
+            fields["id2label"] = {int(k): v for k, v in saved.items()}
+            n = len(saved)
         if n is None:
             raise SpecError(f"{src}: no classification head in the adapter to count the classes; give them: "
                             "--set model.num_labels=N or --set model.id2label='{0: neg, 1: pos}'")
-        fields["num_labels"] = n
+        fields.setdefault("num_labels", n)
     model = ModelSpec.model_validate(fields)
     if model.trust_remote_code:
         raise SpecError("import: trust_remote_code is the operator's to set in a spec, not on import")
@@ -95,13 +114,24 @@ def import_adapter(folder: str | Path, base: dict, task: str | None = None,
     spec = method.spec_class.model_validate(data)
     method.check_task(spec, task)
     model = model.model_copy(update={"prompt_format": method.prompt_format(spec, model.prompt_format)})
-    _check_fit(method, model, src)
 
     dst = Path(output) if output else src
     if dst != src:
         if dst.exists():
             raise AdapterIntegrityError(f"{dst} exists; choose a new --output folder")
-        shutil.copytree(src, dst)
+        shutil.copytree(src, dst, ignore=lambda _, names: [n for n in names if is_pickle(Path(n))])
+        converted = method.convert_pickles(src, dst)
+        left = sorted(set(pickles) - set(converted))
+        if left:
+            shutil.rmtree(dst)
+            raise AdapterIntegrityError(f"{src}: {', '.join(left)} would be unpickled to load and {method.name} cannot "
+                                        "convert them; save the adapter with safetensors")
+    try:
+        _check_fit(method, model, dst)
+    except AdapterIntegrityError:
+        if dst != src:
+            shutil.rmtree(dst)
+        raise
     record = model.model_dump(mode="json")
     record = {k: record[k] for k in ("name", "revision", "dtype", "trust_remote_code", *ADAPTER_KEYS) if k in record}
     if task == "seq-cls":
@@ -109,7 +139,8 @@ def import_adapter(folder: str | Path, base: dict, task: str | None = None,
         record["num_labels"] = len(record["id2label"])
     manifest = write_manifest(dst, method=method.name, model=record, base_sha256=base_fingerprint(model),
                               extra={"adapter": spec.model_dump(mode="json"), "input_template": None,
-                                     "max_length": 512, "imported_from": str(src.resolve())})
+                                     "max_length": 512, "imported_from": str(src.resolve()),
+                                     **({"converted": pickles} if pickles else {})})
     return dst, manifest
 
 

@@ -148,6 +148,11 @@ class AdapterMethod:
         `tokenizer`: the operator's base tokenizer."""
         return None
 
+    def convert_pickles(self, src: Path, dst: Path) -> list[str]:
+        """Files of `src` another library pickled, rewritten as safetensors into `dst` (read without
+        running code: tensors only); returns the names converted. Default: none can be."""
+        return []
+
     def extract_subadapter(self, folder: Path, manifest: dict, output: Path, version, source=None) -> dict:
         """Cut a sub-adapter out of a trained adapter (methods declaring `subadapters`)."""
         from workers.errors import WrongTaskError

@@ -78,6 +78,24 @@ class SpartaMethod(AdapterMethod):
     def count_parameters(self, model) -> tuple[int, int]:
         return model.parameter_counts()
 
+    def convert_pickles(self, src: Path, dst: Path) -> list[str]:
+        """peft-sparta's trainer saves `head_init.pt` (and may save the deltas as `.pt`): tensors read with
+        torch's weights-only loader, written as the safetensors files this method reads."""
+        from safetensors.torch import save_file
+
+        from workers.methods.sparta.files import load_tensors
+
+        done = []
+        for stem in ("sparse_deltas", "head_init", "new_embeddings_init"):
+            if (Path(src) / f"{stem}.pt").is_file() and not (Path(src) / f"{stem}.safetensors").is_file():
+                tensors = load_tensors(Path(src), stem)
+                if stem == "sparse_deltas" and isinstance(tensors.get("indices"), dict):
+                    tensors = {f"{kind}.{k}": v for kind in ("indices", "deltas") for k, v in tensors[kind].items()}
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(dst) / f"{stem}.safetensors"),
+                          metadata={"format": "pt"})
+                done.append(f"{stem}.pt")
+        return done
+
     def spec_from_folder(self, folder, config, tokenizer) -> dict | None:
         """peft-sparta's folders: `sparse_deltas` beside the base's `config.json`."""
         from workers.methods.sparta.files import DELTAS_FILE

@@ -57,7 +57,7 @@ def write_adapter(folder: Path, base, task: str, indices: dict, deltas: dict, he
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def _load_tensors(folder: Path, stem: str) -> dict | None:
+def load_tensors(folder: Path, stem: str) -> dict | None:
     """`<stem>.safetensors`, or peft-sparta's `<stem>.pt` through torch's weights-only loader."""
     import torch
     from safetensors.torch import load_file
@@ -78,7 +78,7 @@ def read_adapter(folder: Path, base, task: str) -> dict:
     from workers.methods.sparta.selection import head_names, named_parameters
 
     folder = Path(folder)
-    raw = _load_tensors(folder, "sparse_deltas")
+    raw = load_tensors(folder, "sparse_deltas")
     if raw is None:
         raise AdapterIntegrityError(f"{folder}: no {DELTAS_FILE}; not a SpaRTA adapter folder")
     if "indices" in raw and isinstance(raw["indices"], dict):  # the .pt layout: nested dicts
@@ -101,7 +101,7 @@ def read_adapter(folder: Path, base, task: str) -> dict:
             "it was trained on another architecture or task"
         )
     heads = head_names(base, task)
-    head_init = _load_tensors(folder, "head_init") or {}
+    head_init = load_tensors(folder, "head_init") or {}
     entries = []
     for name, param in params.items():
         idx = idx_by.get(name)
@@ -139,7 +139,7 @@ def _add_new_embeddings(folder: Path, base) -> None:
     and set the new rows to their saved initial values (the deltas start from them)."""
     import torch
 
-    new = _load_tensors(folder, "new_embeddings_init")
+    new = load_tensors(folder, "new_embeddings_init")
     if not new:
         return
     rows = next(iter(new.values()))
