@@ -24,23 +24,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from serving_load import train_quick  # noqa: E402
 
 from workers.common import quiet_environment  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from a hub at run time
 quiet_environment()
-
-
-def train(tmp: Path, seed: int) -> tuple[Path, dict]:
-    from pipelines.spec import load_spec
-    from workers.stages import build_artifact, ensure_ray, launch_training
-
-    spec = load_spec(ROOT / "pipelines" / "examples" / "sparta.yaml",
-                     ["train.num_workers=0", "train.max_steps=4", f"train.seed={seed}", f"adapter.seed={seed}",
-                      f"workspace={tmp / 'ws'}"])
-    ensure_ray(spec)
-    out = launch_training(spec, run_name=f"switch-{seed}")
-    return build_artifact(spec, out.checkpoint, tmp / f"adapter-{seed}"), spec.model.model_dump(mode="json")
 
 
 def main(argv=None) -> None:
@@ -51,8 +42,8 @@ def main(argv=None) -> None:
     from serve.app import build_engine
 
     with tempfile.TemporaryDirectory() as t:
-        a, base = train(Path(t), 1)
-        b, _ = train(Path(t), 2)
+        a, base = train_quick(t, "sparta.yaml", 1, ("adapter.seed=1",))
+        b, _ = train_quick(t, "sparta.yaml", 2, ("adapter.seed=2",))
         engine = build_engine({"a": str(a), "b": str(b)}, base)
         text = ["A warm, funny and moving story."]
         for name in ("a", "b", "a"):  # warm-up

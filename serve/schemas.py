@@ -54,18 +54,17 @@ class ClassifyResponse(BaseModel):
     results: list[ClassifyResult]
 
 
-class CompletionRequest(BaseModel):
+class Sampling(BaseModel):
+    """What OpenAI completion and chat requests share."""
+
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
     model: str
-    prompt: str | list[str] = Field(..., min_length=1)
-    max_tokens: int = Field(16, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
-    samples: int | None = Field(None, ge=0, le=1024, description="Monte-Carlo log-probabilities (PVeRA; extension).")
 
     @field_validator("stream")
     @classmethod
@@ -73,6 +72,12 @@ class CompletionRequest(BaseModel):
         if v:
             raise ValueError("streaming is not supported yet; send stream: false")
         return v
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] = Field(..., min_length=1)
+    max_tokens: int = Field(16, ge=1, le=4096)
+    samples: int | None = Field(None, ge=0, le=1024, description="Monte-Carlo log-probabilities (PVeRA; extension).")
 
 
 class TokenMonteCarlo(BaseModel):
@@ -137,25 +142,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
-    model: str
+class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("streaming is not supported yet; send stream: false")
-        return v
 
 
 class AssistantMessage(BaseModel):

@@ -35,6 +35,18 @@ def need_shared(*parts: str) -> Path:
     return target
 
 
+def need_peft_sparta():
+    """The peft-sparta package (the reference implementation `make test` installs); skip where it is
+    absent, fail under CI."""
+    try:
+        import peft_sparta
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("peft-sparta is not installed (make test installs it) - required under CI")
+        pytest.skip("peft-sparta is not installed (make test installs it)")
+    return peft_sparta
+
+
 def toy_sentiment(n: int, seed: int = 0) -> list[dict]:
     """A learnable toy task: the label is whether positive words outnumber negative ones."""
     rng = random.Random(seed)

@@ -3,7 +3,6 @@ for their base, are served with PEFT's own outputs (the replica's `build_engine`
 what the folder does not say is asked for by name; an adapter for another base is refused."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from workers.artifact import verify
 from workers.errors import AdapterIntegrityError, SpecError
 from workers.importer import import_adapter
 
-from helpers import METHOD_TEXTS, need_shared
+from helpers import METHOD_TEXTS, need_peft_sparta, need_shared
 
 PROMPTS = ["say the word good ###", "say the word bad ###"]
 
@@ -152,16 +151,6 @@ def test_the_import_command(tiny_llama, tmp_path):
     assert r.exit_code == 2 and "already an adapterflow adapter" in r.stderr
 
 
-def _peft_sparta():
-    try:
-        import peft_sparta
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("peft-sparta is not installed (make test installs it) - required under CI")
-        pytest.skip("peft-sparta is not installed (make test installs it)")
-    return peft_sparta
-
-
 STORY_TEXTS = ["once upon a time there was a cat", "lily saw a big dog", "the sun was warm", "tom had a red ball"]
 
 
@@ -173,7 +162,7 @@ def test_peft_sparta_folders_import_and_serve_their_outputs(task, tmp_path):
 
     from serve.app import build_engine
 
-    ps = _peft_sparta()
+    ps = need_peft_sparta()
     path = need_shared("models", "stories260K")
     tok = AutoTokenizer.from_pretrained(path)
     tok.pad_token = tok.eos_token

@@ -11,7 +11,7 @@ from workers.errors import SpecError
 from workers.methods.sparta import SpartaSpec, attach, load
 from workers.methods.sparta.layers import draw_indices
 
-from helpers import need_shared
+from helpers import need_peft_sparta, need_shared
 
 TEXTS = ["once upon a time there was a cat", "the little dog ran home", "lily was sad", "tom saw a big tree"]
 
@@ -145,22 +145,11 @@ def test_merged_equals_training_form_and_unmerge_restores_the_base(task, tmp_pat
 
 
 # ---------------------------------------------------------------- peft-sparta interop
-def _peft_sparta():
-    """The reference package (PyPI peft-sparta 0.0.3), installed by `make test` only."""
-    import os
-
-    try:
-        import peft_sparta
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("peft-sparta is not installed; `make test` installs it")
-        pytest.skip("peft-sparta is not installed (make test installs it)")
-    return peft_sparta
 
 
 @pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
 def test_ours_loads_in_peft_sparta(task, tmp_path):
-    ps = _peft_sparta()
+    ps = need_peft_sparta()
     _, tok, model = _stories(task)
     torch.manual_seed(1)
     wrapped = attach(model, SpartaSpec(sparsity=0.97), task)
@@ -198,7 +187,7 @@ def test_ours_loads_in_peft_sparta(task, tmp_path):
 
 @pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
 def test_peft_sparta_adapter_loads_here(task, tmp_path):
-    ps = _peft_sparta()
+    ps = need_peft_sparta()
     path, tok, model = _stories(task)
     torch.manual_seed(2)
     theirs = ps.SpaRTA(model, sparsity=0.97)
@@ -350,7 +339,7 @@ def test_new_tokens_train_in_full_and_load_in_peft_sparta(tmp_path):
     """`new_tokens`: the embeddings grow, the new row trains in full from a saved initial value,
     and peft-sparta's classifier (which reads new_embeddings_init and the adapter's tokenizer)
     classifies text holding the new token as we do."""
-    ps = _peft_sparta()
+    ps = need_peft_sparta()
     from transformers import AutoTokenizer
 
     from workers.sparta import SpaRTAforSequenceClassification
