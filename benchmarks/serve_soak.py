@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from serving_load import run, train_quick  # sets up the path and the quiet environment
 
-from serving_load import run, train_quick  # noqa: E402
-
-from workers.common import quiet_environment  # noqa: E402
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from a hub at run time
-quiet_environment()
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

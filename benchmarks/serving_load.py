@@ -1,10 +1,22 @@
-"""Loopback load for the serving benchmarks: N concurrent clients for a bounded time, each request
-one sentence to a target in turn. Shared by serve_load.py and serve_soak.py."""
+"""What the serving benchmarks share: the project root on the path and the quiet, offline
+environment (on import); loopback load (N concurrent clients for a bounded time, each request one
+sentence to a target in turn); quick adapter training."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from workers.common import quiet_environment  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from a hub at run time
+quiet_environment()
 
 SENTENCES = ["I enjoyed very much the movie.", "It was painful to watch.", "It was a bad movie.",
              "A warm, funny and moving story.", "The plot made no sense at all.", "Great acting, great cast."]
@@ -58,14 +70,11 @@ def run(targets: list[tuple[str, str | None]], clients: int, seconds: float) -> 
 def train_quick(tmp, example: str, seed: int = 1, extra: tuple[str, ...] = ()) -> tuple:
     """An adapter from `pipelines/examples/<example>` in local mode, 4 steps (serving figures do not
     depend on quality): (artifact folder, the operator's base model section)."""
-    from pathlib import Path
-
     from pipelines.spec import load_spec
     from workers.stages import build_artifact, ensure_ray, launch_training
 
-    root = Path(__file__).resolve().parents[1]
     tmp = Path(tmp)
-    spec = load_spec(root / "pipelines" / "examples" / example,
+    spec = load_spec(ROOT / "pipelines" / "examples" / example,
                      ["train.num_workers=0", "train.max_steps=4", f"train.seed={seed}", f"workspace={tmp / 'ws'}",
                       *extra])
     ensure_ray(spec)
