@@ -3,7 +3,8 @@
 Routes: `GET /healthz`, `GET /v1/models`, `GET /v1/stats` (batching counters), `POST /v1/classify`
 (seq-cls adapters; concurrent requests are batched, see `AdapterServer._classify_batch`) and
 `POST /v1/completions` and `POST /v1/chat/completions` (causal-LM adapters, OpenAI request and
-response shapes, non-streaming).
+response shapes, streaming as server-sent events; generation runs on the continuous-batching decode
+loop, `workers.generation`).
 Errors are JSON `{"error": {"type", "message", "code"}}`, from one handler over the error tree
 (`workers.errors`): unknown adapter 404, malformed body 422, wrong task for the adapter 400, missing
 or wrong API key 401, an adapter that does not fit the replica 409, a platform fault 500.
@@ -13,6 +14,7 @@ or wrong API key 401, an adapter that does not fit the replica 409, a platform f
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import time
@@ -20,7 +22,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from serve.schemas import (
@@ -53,6 +55,9 @@ api = FastAPI(title="adapterflow", version="0.1.0")
 ERROR_TYPES = {UnknownAdapterError: "adapter_not_found", WrongTaskError: "wrong_task", AuthError: "unauthorized",
                RequestError: "invalid_request", AdapterIntegrityError: "adapter_integrity",
                RequestTooLargeError: "request_too_large"}
+# a 200 may also be a stream of server-sent events (`stream: true`)
+STREAM = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": "The response; with stream: true, server-sent events of chunks, then [DONE]."}}
 # this replica's request limits (one deployment per replica process; set by AdapterServer)
 LIMITS = {"max_body_bytes": 1_048_576, "max_inputs": 256, "max_prompt_tokens": 2048}
 
@@ -119,6 +124,7 @@ class AdapterServer:
 
         self.engine = build_engine(adapters, base, tracking_uri, threads)
         self.engine.max_prompt_tokens = module.LIMITS["max_prompt_tokens"]
+        self.engine.max_decode_rows = max_batch_size
         self.metrics = ReplicaMetrics(app_name)
         self.engine.on_forward = self.metrics.forward
         self.metrics.adapters(len(self.engine.adapters), list(self.engine.load_seconds.values()))
@@ -155,9 +161,10 @@ class AdapterServer:
 
     @api.get("/v1/stats", response_model=Stats, responses=error_responses(401))
     def stats(self, request: Request):
-        """Batching so far on this replica: forwards, rows, forwards that mixed adapters."""
+        """Batching so far on this replica: classify forwards and rows, the decode loop's steps and rows."""
         self._auth(request)
-        return dict(self.engine.stats)
+        decode = self.engine._decoder.stats if self.engine._decoder is not None else {}
+        return {**self.engine.stats, **decode}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _classify_batch(self, items: list[tuple[str, list]]) -> list:
@@ -186,43 +193,134 @@ class AdapterServer:
                 raise results
         return {"adapter": body.adapter, "results": results}
 
+    def _start(self, model: str, prompts: list[str], body, max_tokens: int) -> tuple[list, asyncio.Queue]:
+        """Queue each prompt on the decode loop; events arrive on one asyncio queue as (index, event)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        rows = []
+        try:
+            for i, p in enumerate(prompts):
+                def emit(event, i=i):
+                    loop.call_soon_threadsafe(events.put_nowait, (i, event))
+
+                rows.append(self.engine.start_completion(
+                    model, p, emit=emit, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                    seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos))
+        except BaseException:
+            for row in rows:
+                row.cancel()
+            raise
+        return rows, events
+
+    async def _finished(self, rows: list, events: asyncio.Queue) -> list[dict]:
+        """Every row's text and counts, once all have finished."""
+        texts = [[] for _ in rows]
+        ends: list[dict | None] = [None] * len(rows)
+        try:
+            while any(e is None for e in ends):
+                i, event = await events.get()
+                if "error" in event:
+                    raise event["error"]
+                texts[i].append(event["text"])
+                if "finish_reason" in event:
+                    ends[i] = event
+        finally:
+            for row in rows:
+                row.cancel()  # no-op for finished rows; frees the others if the client went away
+        return [{**e, "text": "".join(t)} for t, e in zip(texts, ends)]
+
+    @staticmethod
+    def _usage(ends) -> dict:
+        n_prompt = sum(e["prompt_tokens"] for e in ends)
+        n_out = sum(e["completion_tokens"] for e in ends)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+    def _stream(self, rows, events, chunk, usage: bool) -> StreamingResponse:
+        """Server-sent events: `chunk(index, text, finish)` per piece, a usage chunk if asked, [DONE]."""
+
+        async def lines():
+            ends: list[dict | None] = [None] * len(rows)
+            try:
+                for i in range(len(rows)):
+                    first = chunk(i, None, None)
+                    if first is not None:
+                        yield f"data: {json.dumps(first)}\n\n"
+                while any(e is None for e in ends):
+                    i, event = await events.get()
+                    if "error" in event:
+                        exc = event["error"]  # the headers are out: the error goes in the stream
+                        err = {"type": "internal_error", "message": str(exc), "code": getattr(exc, "http_status", 500)}
+                        yield f"data: {json.dumps({'error': err})}\n\n"
+                        return
+                    if "finish_reason" in event:
+                        ends[i] = event
+                    if event["text"] or "finish_reason" in event:
+                        yield f"data: {json.dumps(chunk(i, event['text'], event.get('finish_reason')))}\n\n"
+                if usage:
+                    yield f"data: {json.dumps({**chunk(0, '', None), 'choices': [], 'usage': self._usage(ends)})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                for row in rows:
+                    row.cancel()
+
+        return StreamingResponse(lines(), media_type="text/event-stream")
+
     @api.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
-              responses=error_responses(400, 401, 404, 413, 422))
-    def completions(self, body: CompletionRequest, request: Request):
+              responses={**error_responses(400, 401, 404, 413, 422), **STREAM})
+    async def completions(self, body: CompletionRequest, request: Request):
         self._auth(request)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         self._count(len(prompts), "prompts")
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        choices, n_prompt, n_out = [], 0, 0
-        for i, p in enumerate(prompts):
-            r = self.engine.complete(body.model, p, max_tokens=body.max_tokens, temperature=body.temperature,
-                                     top_p=body.top_p, seed=body.seed, stop=stop, samples=body.samples)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": body.model}
+        if self.engine.completion_samples(body.model, body.samples):  # Monte-Carlo: on its own
+            if body.stream:
+                raise RequestError("samples (Monte-Carlo log-probabilities) cannot stream; send stream: false")
+            results = [await asyncio.to_thread(
+                self.engine.complete, body.model, p, max_tokens=body.max_tokens, temperature=body.temperature,
+                top_p=body.top_p, seed=body.seed, stop=body.stops(), samples=body.samples, ignore_eos=body.ignore_eos)
+                for p in prompts]
+        else:
+            rows, events = self._start(body.model, prompts, body, body.max_tokens)
+            if body.stream:
+                def chunk(i, text, finish):
+                    if text is None:
+                        return None
+                    return {**meta, "choices": [{"index": i, "text": text, "logprobs": None,
+                                                 "finish_reason": finish}]}
+
+                return self._stream(rows, events, chunk, bool(body.stream_options and body.stream_options.include_usage))
+            results = await self._finished(rows, events)
+        choices = []
+        for i, r in enumerate(results):
             choice = {"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
             if "monte_carlo" in r:
                 choice["monte_carlo"] = r["monte_carlo"]
             choices.append(choice)
-            n_prompt += r["prompt_tokens"]
-            n_out += r["completion_tokens"]
-        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
-                "created": int(time.time()), "model": body.model, "choices": choices,
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                          "total_tokens": n_prompt + n_out}}
-
+        return {**meta, "choices": choices, "usage": self._usage(results)}
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses=error_responses(400, 401, 404, 413, 422))
-    def chat_completions(self, body: ChatCompletionRequest, request: Request):
+              responses={**error_responses(400, 401, 404, 413, 422), **STREAM})
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._auth(request)
         self._count(len(body.messages), "messages")
         prompt = self.engine.chat_prompt(body.model, [m.model_dump() for m in body.messages])
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        r = self.engine.complete(body.model, prompt, max_tokens=body.max_completion_tokens or body.max_tokens or 16,
-                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": body.model, "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
-                                                  "logprobs": None, "finish_reason": r["finish_reason"]}],
-                "usage": {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
-                          "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}}
+        rows, events = self._start(body.model, [prompt], body, body.max_completion_tokens or body.max_tokens or 16)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            def chunk(i, text, finish):
+                delta = {"role": "assistant", "content": ""} if text is None else (
+                    {"content": text} if text else {})
+                return {**meta, "object": "chat.completion.chunk",
+                        "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+            return self._stream(rows, events, chunk, bool(body.stream_options and body.stream_options.include_usage))
+        (r,) = await self._finished(rows, events)
+        return {**meta, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
+                             "logprobs": None, "finish_reason": r["finish_reason"]}],
+                "usage": self._usage([r])}
+
 
 def build_engine(adapters: dict[str, str], base: dict | None, tracking_uri: str | None = None, threads: int = 1):
     """What a replica holds: the operator's base with the adapters loaded (each resolved, verified and

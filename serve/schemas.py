@@ -54,6 +54,11 @@ class ClassifyResponse(BaseModel):
     results: list[ClassifyResult]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
 class Sampling(BaseModel):
     """What OpenAI completion and chat requests share."""
 
@@ -62,16 +67,23 @@ class Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1)
-    stream: bool = False
+    stream: bool = Field(False, description="Server-sent events, one chunk per piece of text, then [DONE].")
+    stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the text (not included).")
+    ignore_eos: bool = Field(False, description="Decode to max_tokens even past the end-of-sequence token "
+                             "(extension, for benchmarks).")
 
-    @field_validator("stream")
+    @field_validator("stop")
     @classmethod
-    def _no_stream(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("streaming is not supported yet; send stream: false")
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("at most 4 stop strings, none empty")
         return v
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionRequest(Sampling):
@@ -131,9 +143,15 @@ class Health(BaseModel):
 
 
 class Stats(BaseModel):
-    forwards: int
-    rows: int
-    mixed_forwards: int
+    forwards: int = Field(..., description="Classify forwards.")
+    rows: int = Field(..., description="Rows those forwards held.")
+    mixed_forwards: int = Field(..., description="Classify forwards that mixed adapters.")
+    decode_steps: int = Field(0, description="Steps of the decode loop (every running row gets one token).")
+    decode_forwards: int = Field(0, description="Decode forwards (one per lane and step).")
+    decode_rows: int = Field(0, description="Rows those forwards held.")
+    prefill_forwards: int = Field(0, description="Forwards that prefilled newly arrived prompts.")
+    joined_mid_decode: int = Field(0, description="Requests that joined a lane while it was decoding.")
+    mixed_decode_forwards: int = Field(0, description="Decode and prefill forwards that mixed adapters.")
 
 
 class ChatMessage(BaseModel):

@@ -39,7 +39,7 @@ from helpers import (  # noqa: E402
     write_tsv,
 )
 
-RAY_FIXTURES = {"ray_session", "trained_adapters", "serve_port"}
+RAY_FIXTURES = {"ray_session", "trained_adapters", "trained_causal", "serve_port"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -104,6 +104,20 @@ def trained_adapters(tiny_llama, toy_data, toy_instruct, tmp_path_factory, ray_s
     def get(name: str) -> dict:
         if name not in cache:
             cache[name] = train_method_case(name, tiny_llama, toy_data, toy_instruct, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained_causal(tiny_llama, toy_data, toy_instruct, tmp_path_factory, ray_session):
+    """`trained_causal(method)`: that method's case trained as a causal-LM adapter, once per session."""
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            cache[name] = train_method_case(name, tiny_llama, toy_data, toy_instruct,
+                                            tmp_path_factory.mktemp(f"{name}-lm"), task="causal-lm")
         return cache[name]
 
     return get

@@ -185,14 +185,16 @@ CAUSAL_TEXTS = ["say the word good ###", "say the word bad ### bad", "say the wo
                 "say ### the word"]
 
 
-def train_method_case(name: str, tiny_llama: Path, toy_data: Path, toy_instruct: Path, tmp: Path) -> dict:
-    """Train the method's case through the platform (local mode) and build its artifact."""
+def train_method_case(name: str, tiny_llama: Path, toy_data: Path, toy_instruct: Path, tmp: Path,
+                      task: str | None = None) -> dict:
+    """Train the method's case through the platform (local mode) and build its artifact; `task`
+    overrides the case's own (e.g. a causal-LM adapter of a method whose case classifies)."""
     from workers.stages import build_artifact, launch_training
 
     case = METHOD_CASES[name]
-    causal = case.get("task") == "causal-lm"
-    spec = spec_for(tiny_llama, toy_instruct if causal else toy_data, tmp, task=case.get("task", "seq-cls"),
-                    epochs=2, lr=3e-2)
+    task = task or case.get("task", "seq-cls")
+    causal = task == "causal-lm"
+    spec = spec_for(tiny_llama, toy_instruct if causal else toy_data, tmp, task=task, epochs=2, lr=3e-2)
     spec = spec.model_copy(update={"adapter": adapter_spec(case["adapter"])})
     if causal:  # the method's prompt format (aLoRA appends its invocation)
         from workers.methods import method_of

@@ -166,7 +166,8 @@ def test_auth_is_enforced_when_configured(server):
 
 @pytest.mark.parametrize("body", [
     {"model": "story", "prompt": "hi", "max_tokens": 0},
-    {"model": "story", "prompt": "hi", "stream": True},
+    {"model": "story", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
+    {"model": "story", "prompt": "hi", "stop": ""},
     {"model": "story"},
 ])
 def test_completion_validation_is_422(server, body):
@@ -263,3 +264,79 @@ def test_chat_without_a_template_is_a_clear_400(trained_adapters):
     engine.add_adapter("a", trained["folder"], verify(trained["folder"]))
     with pytest.raises(WrongTaskError, match="no chat template.*set model.chat_template"):
         engine.chat_prompt("a", [{"role": "user", "content": "hi"}])
+
+
+def test_streaming_with_the_openai_client_equals_the_whole_answer(server):
+    """`stream: true` on completions and chat: server-sent chunks through the official client whose
+    text joins to the non-streamed answer, one finish reason at the end, usage when asked."""
+    client = openai.OpenAI(base_url=f"{server}/lm/v1", api_key=os.environ[API_KEY_ENV], max_retries=0)
+    args = {"model": "story", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.8, "seed": 11}
+    whole = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == whole.choices[0].text and sum(1 for p in pieces if p) > 2, pieces
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+
+    messages = [{"role": "user", "content": "Once upon"}, {"role": "user", "content": "a time"}]
+    chat = client.chat.completions.create(model="story", messages=messages, max_tokens=16, temperature=0)
+    stream = list(client.chat.completions.create(model="story", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == chat.choices[0].message.content
+    assert stream[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(server):
+    headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"}
+    body = {"model": "story", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0}
+    full = httpx.post(f"{server}/lm/v1/completions", json=body, headers=headers, timeout=60).json()["choices"][0]
+    text = full["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 3]  # a string from the middle of the answer
+    assert len(stop) == 3 and stop.strip()
+    cut = httpx.post(f"{server}/lm/v1/completions", json={**body, "stop": [stop]}, headers=headers,
+                     timeout=60).json()["choices"][0]
+    assert cut["text"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
+    with httpx.stream("POST", f"{server}/lm/v1/completions", json={**body, "stop": stop, "stream": True},
+                      headers=headers, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    import json
+
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == cut["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_streamed_request_with_an_error_answers_json_before_any_chunk(server):
+    headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"}
+    r = httpx.post(f"{server}/lm/v1/completions", json={"model": "nope", "prompt": "hi", "stream": True},
+                   headers=headers, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "adapter_not_found"
+
+
+def test_concurrent_completions_over_http_equal_each_alone(server):
+    """16 concurrent requests (greedy and seeded sampling, different lengths) share decode forwards
+    and each answer equals the same request sent alone."""
+    import asyncio
+
+    headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"}
+    url = f"{server}/lm/v1/completions"
+    prompts = ["Once upon a time", "The little dog", "She saw a big", "Tom and Lily"]
+    bodies = [{"model": "story", "prompt": prompts[i % 4], "max_tokens": 4 + (i * 7) % 20, "ignore_eos": True,
+               **({"temperature": 0.9, "seed": i} if i % 2 else {"temperature": 0})} for i in range(16)]
+    alone = [httpx.post(url, json=b, headers=headers, timeout=60).json()["choices"][0]["text"] for b in bodies]
+    before = httpx.get(f"{server}/lm/v1/stats", headers=headers, timeout=30).json()
+
+    async def together():
+        async with httpx.AsyncClient(timeout=120, headers=headers) as client:
+            return await asyncio.gather(*(client.post(url, json=b) for b in bodies))
+
+    got = asyncio.run(together())
+    after = httpx.get(f"{server}/lm/v1/stats", headers=headers, timeout=30).json()
+    assert [r.json()["choices"][0]["text"] for r in got] == alone
+    rows = after["decode_rows"] - before["decode_rows"]
+    forwards = after["decode_forwards"] - before["decode_forwards"]
+    assert rows > 3 * forwards, (rows, forwards)  # rows shared forwards

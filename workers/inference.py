@@ -45,6 +45,8 @@ class Engine:
         self.max_prompt_tokens: int | None = None  # a serving limit, when the replica sets one
         self.on_forward = None  # called with (rows, mixed) after each batched forward, when set
         self.load_seconds: dict[str, float] = {}  # adapter -> time its load took
+        self.max_decode_rows = 32  # rows the decode loop runs at once (serve.max_batch_size)
+        self._decoder = None  # the continuous-batching decode loop, started on the first completion
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, folder: str | Path, manifest: dict) -> None:
@@ -243,52 +245,83 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - jinja raises many kinds on a message the template rejects
             raise RequestError(f"the chat template cannot render these messages: {exc}") from None
 
+    @property
+    def decoder(self):
+        if self._decoder is None:
+            from workers.generation import Decoder
+
+            self._decoder = Decoder(self, max_rows=self.max_decode_rows)
+        return self._decoder
+
+    def completion_samples(self, name: str, samples: int | None) -> int:
+        """The Monte-Carlo forwards a completion asks for (checked against the adapter)."""
+        return self._samples(name, self._check(name, "causal-lm"), samples)
+
+    def start_completion(self, name: str, prompt: str, *, emit, max_tokens: int = 64, temperature: float = 0.0,
+                         top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+                         ignore_eos: bool = False):
+        """Queue a completion on the decode loop; `emit(event)` is called from the loop's thread with
+        each piece of text (`{"text"}`), the last one with `finish_reason` and token counts, or
+        `{"error": exc}`. Request errors raise here, before anything is queued."""
+        from workers.generation import Row
+
+        manifest = self._check(name, "causal-lm")
+        method = method_for_manifest(manifest)
+        tok = self.tokenizers.get(name, self.tokenizer)
+        fmt = manifest["model"].get("prompt_format", "{prompt}")
+        ids = tok(fmt.format(prompt=prompt))["input_ids"]
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise RequestTooLargeError(f"the prompt has {len(ids)} tokens, over this server's limit of "
+                                       f"{self.max_prompt_tokens} (serve.max_prompt_tokens)")
+        positions = getattr(self.base.config, "max_position_embeddings", None)
+        if positions and len(ids) + max_tokens > positions:
+            raise RequestTooLargeError(f"the prompt's {len(ids)} tokens plus max_tokens {max_tokens} exceed the "
+                                       f"model's {positions} positions; shorten the prompt or lower max_tokens")
+        spec = manifest_spec(manifest)
+        draws = spec is not None and method.draws_at_inference(spec)
+        lane = (id(tok), "*" if method.shares_forward and not draws else name)
+        if draws:
+            lane += (self.decoder.new_id(),)
+        config = getattr(self.model, "peft_config", {}).get(name)
+        row = Row(adapter=name, lane=lane, ids=list(ids), tokenizer=tok, max_tokens=max_tokens, emit=emit,
+                  temperature=temperature, top_p=top_p, seed=seed, stop=list(stop or []),
+                  eos=None if ignore_eos else tok.eos_token_id, draws=draws,
+                  alora=getattr(config, "alora_invocation_tokens", None) is not None)
+        return self.decoder.submit(row)
+
     def complete(self, name: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 samples: int | None = None) -> dict:
-        """A completion; with `samples` (PVeRA) also the Monte-Carlo mean and 95 % interval of
-        each generated token's log-probability."""
+                 samples: int | None = None, ignore_eos: bool = False) -> dict:
+        """A completion through the decode loop (batched with whatever else runs); with `samples`
+        (PVeRA) also the Monte-Carlo mean and 95 % interval of each generated token's log-probability."""
+        import queue
+
         import torch
 
-        with self._lock:
-            manifest = self._select(name, "causal-lm")
-            n_mc = self._samples(name, manifest, samples)
-            tok = self.tokenizers.get(name, self.tokenizer)
-            fmt = manifest["model"].get("prompt_format", "{prompt}")
-            enc = tok(fmt.format(prompt=prompt), return_tensors="pt")
-            n_prompt = enc["input_ids"].shape[1]
-            if self.max_prompt_tokens is not None and n_prompt > self.max_prompt_tokens:
-                raise RequestTooLargeError(f"the prompt has {n_prompt} tokens, over this server's limit of "
-                                           f"{self.max_prompt_tokens} (serve.max_prompt_tokens)")
-            kwargs = dict(max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id)
-            if temperature > 0:
-                if seed is not None:
-                    torch.manual_seed(seed)
-                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-            else:
-                kwargs.update(do_sample=False)
-            with torch.no_grad():
-                ids = self.model.generate(**enc, **kwargs)[0, n_prompt:].tolist()
-            finish = "length"
-            eos = tok.eos_token_id
-            if eos is not None and eos in ids:
-                ids = ids[: ids.index(eos)]
-                finish = "stop"
-            mc = None
-            if n_mc and ids:
-                from workers.montecarlo import mc_outputs, token_logprobs
+        n_mc = self.completion_samples(name, samples)
+        events: queue.Queue = queue.Queue()
+        row = self.start_completion(name, prompt, emit=events.put, max_tokens=max_tokens, temperature=temperature,
+                                    top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
+        pieces = []
+        while True:
+            event = events.get()
+            if "error" in event:
+                raise event["error"]
+            pieces.append(event["text"])
+            if "finish_reason" in event:
+                break
+        out = {"text": "".join(pieces), "finish_reason": event["finish_reason"],
+               "prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"]}
+        if n_mc and row.out:
+            from workers.montecarlo import mc_outputs, token_logprobs
 
-                full = torch.cat([enc["input_ids"], torch.tensor([ids])], 1)
+            manifest = self.adapters[name]
+            full = torch.tensor([row.ids + row.out])
+            n_prompt = len(row.ids)
+            with self._lock:
+                self.model.set_adapter(name)
                 draws = mc_outputs(self.model, {"input_ids": full}, n_mc, seed or 0, "causal-lm",
                                    method_for_manifest(manifest), adapter_name=name, reduce=token_logprobs(full))
-                mc = {"samples": n_mc, "tokens": [tok.decode([t]) for t in ids],
-                      **{k: draws[k][0, n_prompt - 1:].tolist() for k in ("mean", "low", "high")}}
-        text = tok.decode(ids, skip_special_tokens=True)
-        for s in stop or []:
-            cut = text.find(s)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-        out = {"text": text, "finish_reason": finish, "prompt_tokens": n_prompt, "completion_tokens": len(ids)}
-        if mc is not None:
-            out["monte_carlo"] = mc
+            out["monte_carlo"] = {"samples": n_mc, "tokens": [row.tokenizer.decode([t]) for t in row.out],
+                                  **{k: draws[k][0, n_prompt - 1:].tolist() for k in ("mean", "low", "high")}}
         return out

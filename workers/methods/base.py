@@ -79,6 +79,11 @@ class AdapterMethod:
         """Monte-Carlo forwards the adapter asks for by default (0: plain outputs)."""
         return 0
 
+    def draws_at_inference(self, spec: MethodSpec) -> bool:
+        """The adapter's plain forwards at inference are random draws: each request then decodes on
+        its own, its draws seeded from its `seed`."""
+        return False
+
     # ---------------------------------------------------------------- spec-time hooks
     def check_task(self, spec: MethodSpec, task: str) -> None:
         if task not in self.tasks:

@@ -24,6 +24,9 @@ class PveraMethod(AdapterMethod):
                     "sample_at_inference: false, or serve it as an adapter")
         return None
 
+    def draws_at_inference(self, spec: PveraSpec) -> bool:
+        return spec.sample_at_inference
+
     def monte_carlo_samples(self, spec: PveraSpec) -> int:
         return spec.samples
 
