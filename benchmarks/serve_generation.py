@@ -93,10 +93,10 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="Measurements of each figure (the best is kept).")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="The replica's dtypes to measure, in turn (model.dtype of the operator's base).")
     p.add_argument("--port", type=int, default=8124)
     args = p.parse_args(argv)
-
-    from serve.app import deploy, shutdown
 
     with tempfile.TemporaryDirectory() as t:
         t = Path(t)
@@ -106,26 +106,34 @@ def main(argv=None) -> None:
         adapters = {"a0": str(folder)}
         for i in range(1, args.adapters):
             adapters[f"a{i}"] = str(derive(folder, t / f"a{i}", 1.0 + 0.25 * i))
-        url = deploy(adapters, port=args.port, name="generation", num_cpus=2, threads=2, base=base,
-                     max_batch_size=args.requests)
-        base_id = next(m["id"] for m in __import__("httpx").get(f"{url}/v1/models").json()["data"]
-                       if m["method"] == "base")
+        for dtype in args.dtypes.split(","):
+            measure(adapters, {**base, "dtype": dtype}, args)
 
-        def bodies(model_of):
-            return [{"model": model_of(i), "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.tokens,
-                     "temperature": 0, "ignore_eos": True} for i in range(args.requests)]
 
-        mixed = bodies(lambda i: f"a{i % args.adapters}")
-        plain = bodies(lambda i: base_id)
-        endpoint = f"{url}/v1/completions"
-        asyncio.run(concurrent(endpoint, mixed[:4]))  # warm-up
-        best = {"adapters": 0.0, "base": 0.0, "sequential": 0.0}
-        for _ in range(args.rounds):
-            best["adapters"] = max(best["adapters"], asyncio.run(concurrent(endpoint, mixed)))
-            best["base"] = max(best["base"], asyncio.run(concurrent(endpoint, plain)))
-        best["sequential"] = one_at_a_time(endpoint, mixed)
-        shutdown("generation")
-    common = {"requests": args.requests, "new_tokens": args.tokens, "adapters": args.adapters}
+def measure(adapters: dict, base: dict, args) -> None:
+    import httpx
+
+    from serve.app import deploy, shutdown
+
+    url = deploy(adapters, port=args.port, name="generation", num_cpus=2, threads=2, base=base,
+                 max_batch_size=args.requests)
+    base_id = next(m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"] if m["method"] == "base")
+
+    def bodies(model_of):
+        return [{"model": model_of(i), "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.tokens,
+                 "temperature": 0, "ignore_eos": True} for i in range(args.requests)]
+
+    mixed = bodies(lambda i: f"a{i % args.adapters}")
+    plain = bodies(lambda i: base_id)
+    endpoint = f"{url}/v1/completions"
+    asyncio.run(concurrent(endpoint, mixed[:4]))  # warm-up
+    best = {"adapters": 0.0, "base": 0.0, "sequential": 0.0}
+    for _ in range(args.rounds):
+        best["adapters"] = max(best["adapters"], asyncio.run(concurrent(endpoint, mixed)))
+        best["base"] = max(best["base"], asyncio.run(concurrent(endpoint, plain)))
+    best["sequential"] = one_at_a_time(endpoint, mixed)
+    shutdown("generation")
+    common = {"requests": args.requests, "new_tokens": args.tokens, "adapters": args.adapters, "dtype": base["dtype"]}
     print(json.dumps({"figure": "P2", "what": "adapter tax: batched over adapters / base model alone",
                       "adapters_tokens_per_s": round(best["adapters"], 1), "base_tokens_per_s": round(best["base"], 1),
                       "ratio": round(best["adapters"] / best["base"], 3), "goal": ">= 0.85", **common}), flush=True)

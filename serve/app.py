@@ -153,11 +153,13 @@ class AdapterServer:
     @api.get("/v1/models", response_model=ModelList, responses=error_responses(401))
     def models(self, request: Request):
         self._auth(request)
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "owned_by": "adapterflow", "task": m["task"],
-             "method": m["method"], "base_model": m["base_model"]["name"]}
-            for name, m in sorted(self.engine.adapters.items())
-        ]}
+        data = [{"id": name, "object": "model", "owned_by": "adapterflow", "task": m["task"],
+                 "method": m["method"], "base_model": m["base_model"]["name"]}
+                for name, m in sorted(self.engine.adapters.items())]
+        if self.engine.serves_base(self.engine.base_id):  # a causal LM answers for its base too
+            data.append({"id": self.engine.base_id, "object": "model", "owned_by": "adapterflow",
+                         "task": self.engine.spec.task, "method": "base", "base_model": self.engine.spec.name})
+        return {"object": "list", "data": data}
 
     @api.get("/v1/stats", response_model=Stats, responses=error_responses(401))
     def stats(self, request: Request):

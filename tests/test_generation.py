@@ -162,3 +162,31 @@ def test_a_cancelled_row_leaves_and_the_others_finish(engines):
         pass
     assert e["completion_tokens"] == 5
     assert len(long.out) < 120 and not any(lane.rows for lane in engine.decoder.lanes.values())
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "sparta"])
+def test_the_base_model_is_served_by_its_name(engines, method):
+    """`model` = the base's name: the base alone (the reference: the plain model re-run on the whole
+    sequence each token, no cache, argmax), also inside a batch of adapter rows (a shared lane for
+    LoRA, a lane of its own otherwise)."""
+    from workers.models import load_model, load_tokenizer
+
+    engine, trained = engines(method)
+    spec = trained["spec"]
+    assert engine.base_id == spec.model.name.rstrip("/").rsplit("/", 1)[-1] and engine.serves_base(engine.base_id)
+    tok = load_tokenizer(spec.model)
+    plain = load_model(spec.model, tok).eval()
+    want = []
+    for prompt in PROMPTS[:3]:
+        ids = tok(spec.model.prompt_format.format(prompt=prompt))["input_ids"]
+        n = len(ids)
+        with torch.no_grad():
+            for _ in range(6):
+                ids = ids + [int(plain(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+        want.append(tok.decode(ids[n:], skip_special_tokens=True))
+    reqs = [{"name": engine.base_id if i % 2 == 0 else "x1", "prompt": PROMPTS[(i // 2) % 3], "max_tokens": 6,
+             "temperature": 0.0, "top_p": 1.0, "seed": None, "ignore_eos": True} for i in range(6)]
+    batched = run_batched(engine, reqs)
+    assert [b[0] for b in batched[0::2]] == want
+    adapter = engine.complete("x1", PROMPTS[0], max_tokens=6, ignore_eos=True)["text"]
+    assert batched[1][0] == adapter

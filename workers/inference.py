@@ -232,9 +232,10 @@ class Engine:
     def chat_prompt(self, name: str, messages: list[dict]) -> str:
         """The prompt a chat request makes: the messages rendered by `model.chat_template` (the
         operator's, else the training run's), else the adapter's tokenizer's own chat template."""
-        with self._lock:
-            manifest = self._check(name, "causal-lm")
-        tok = self.tokenizers.get(name, self.tokenizer)
+        if self.serves_base(name):
+            manifest, tok = {"model": {}}, self.tokenizer
+        else:
+            manifest, tok = self._check(name, "causal-lm"), self.tokenizers.get(name, self.tokenizer)
         template = self.spec.chat_template or manifest["model"].get("chat_template") or tok.chat_template
         if not template:
             raise WrongTaskError(f"adapter {name!r}: no chat template (its tokenizer has none and model.chat_template "
@@ -255,7 +256,22 @@ class Engine:
 
     def completion_samples(self, name: str, samples: int | None) -> int:
         """The Monte-Carlo forwards a completion asks for (checked against the adapter)."""
+        if self.serves_base(name):
+            if samples:
+                raise WrongTaskError("the base model gives no Monte-Carlo outputs; send samples: 0 or leave it out")
+            return 0
         return self._samples(name, self._check(name, "causal-lm"), samples)
+
+    @property
+    def base_id(self) -> str:
+        """The name the base model is served under (`model` in a completion): its hub id, or the
+        folder's name for a local base."""
+        from workers.models import served_name
+
+        return served_name(self.spec)
+
+    def serves_base(self, name: str) -> bool:
+        return self.spec.task == "causal-lm" and name == self.base_id and name not in self.adapters
 
     def start_completion(self, name: str, prompt: str, *, emit, max_tokens: int = 64, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
@@ -263,12 +279,15 @@ class Engine:
         """Queue a completion on the decode loop; `emit(event)` is called from the loop's thread with
         each piece of text (`{"text"}`), the last one with `finish_reason` and token counts, or
         `{"error": exc}`. Request errors raise here, before anything is queued."""
-        from workers.generation import Row
+        from workers.generation import BASE, Row
 
-        manifest = self._check(name, "causal-lm")
-        method = method_for_manifest(manifest)
-        tok = self.tokenizers.get(name, self.tokenizer)
-        fmt = manifest["model"].get("prompt_format", "{prompt}")
+        if self.serves_base(name):  # the base model alone: the operator's prompt format, no adapter
+            manifest, method, tok, fmt, adapter = None, None, self.tokenizer, self.spec.prompt_format, BASE
+        else:
+            manifest = self._check(name, "causal-lm")
+            method, adapter = method_for_manifest(manifest), name
+            tok = self.tokenizers.get(name, self.tokenizer)
+            fmt = manifest["model"].get("prompt_format", "{prompt}")
         ids = tok(fmt.format(prompt=prompt))["input_ids"]
         if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
             raise RequestTooLargeError(f"the prompt has {len(ids)} tokens, over this server's limit of "
@@ -277,13 +296,18 @@ class Engine:
         if positions and len(ids) + max_tokens > positions:
             raise RequestTooLargeError(f"the prompt's {len(ids)} tokens plus max_tokens {max_tokens} exceed the "
                                        f"model's {positions} positions; shorten the prompt or lower max_tokens")
-        spec = manifest_spec(manifest)
-        draws = spec is not None and method.draws_at_inference(spec)
-        lane = (id(tok), "*" if method.shares_forward and not draws else name)
+        if manifest is None:  # base rows join the shared lane when every adapter here shares forwards
+            draws = False
+            shared = all(method_for_manifest(m).shares_forward for m in self.adapters.values())
+            lane = (id(tok), "*" if shared else BASE)
+        else:
+            spec = manifest_spec(manifest)
+            draws = spec is not None and method.draws_at_inference(spec)
+            lane = (id(tok), "*" if method.shares_forward and not draws else name)
         if draws:
             lane += (self.decoder.new_id(),)
         config = getattr(self.model, "peft_config", {}).get(name)
-        row = Row(adapter=name, lane=lane, ids=list(ids), tokenizer=tok, max_tokens=max_tokens, emit=emit,
+        row = Row(adapter=adapter, lane=lane, ids=list(ids), tokenizer=tok, max_tokens=max_tokens, emit=emit,
                   temperature=temperature, top_p=top_p, seed=seed, stop=list(stop or []),
                   eos=None if ignore_eos else tok.eos_token_id, draws=draws,
                   alora=getattr(config, "alora_invocation_tokens", None) is not None)

@@ -49,6 +49,17 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id
 
 
+def served_name(spec: ModelSpec) -> str:
+    """The name a server answers for the base model itself: a hub id as given, a local folder's
+    (or a package's) last name."""
+    name = spec.name
+    if name.startswith(PACKAGE_PREFIX):
+        return name[len(PACKAGE_PREFIX):]
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        return Path(name).expanduser().resolve().name
+    return name
+
+
 def _local_folder(path_or_id: str, revision: str | None) -> Path | None:
     p = Path(path_or_id)
     if p.is_dir():

@@ -4,6 +4,7 @@ exactly and one replica switches between adapters by unmerge + merge. the method
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -78,6 +79,17 @@ class SpartaModel(nn.Module):
         for view, (_, flat, _, merged) in zip(adapter["views"], adapter["entries"]):
             view.index_put_((flat,), merged)
         self.active = name
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """The base alone for the duration (as PEFT's `disable_adapter`)."""
+        active = self.active
+        self.unmerge()
+        try:
+            yield
+        finally:
+            if active is not None:
+                self.set_adapter(active)
 
     @property
     def active_adapter(self):
