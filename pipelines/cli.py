@@ -303,12 +303,7 @@ def serve(targets: Annotated[list[str], typer.Argument(
         import ray
 
         ray.init(logging_level=logging.WARNING)
-    url = deploy(adapters, host=host or sv.host, port=port or sv.port, name=sv.app_name,
-                 route_prefix=sv.route_prefix, tracking_uri=uri, num_replicas=sv.num_replicas,
-                 num_cpus=sv.num_cpus, threads=sv.threads, api_key_env=sv.api_key_env,
-                 max_new_tokens=sv.max_new_tokens, base=base_model, max_ongoing_requests=sv.max_ongoing_requests,
-                 max_batch_size=sv.max_batch_size, batch_wait_timeout_s=sv.batch_wait_timeout_s,
-                 limits=sv.limits())
+    url = deploy(adapters, base=base_model, tracking_uri=uri, spec=sv, host=host or sv.host, port=port or sv.port)
     listing = ", ".join(f"{k!r} ({v})" for k, v in adapters.items())
     console.print(f"serving {listing} at {url}  (Ctrl-C stops)")
     try:

@@ -141,16 +141,8 @@ def run_pipeline(spec: PipelineSpec, spec_dict: dict, console: Console, *, keep_
     adapter = spec.name
     t = time.perf_counter()
     with console.status(f"deploying {reg.model_uri} on Ray Serve..."):
-        url = deploy(
-            {adapter: reg.model_uri, **spec.serve.adapters}, host=spec.serve.host, port=spec.serve.port,
-            name=spec.serve.app_name, route_prefix=spec.serve.route_prefix,
-            tracking_uri=tracking.tracking_uri(spec), num_replicas=spec.serve.num_replicas,
-            num_cpus=spec.serve.num_cpus, threads=spec.serve.threads,
-            api_key_env=spec.serve.api_key_env, max_new_tokens=spec.serve.max_new_tokens,
-            base=spec.model.model_dump(mode="json"), max_ongoing_requests=spec.serve.max_ongoing_requests,
-            max_batch_size=spec.serve.max_batch_size, batch_wait_timeout_s=spec.serve.batch_wait_timeout_s,
-            limits=spec.serve.limits(),
-        )
+        url = deploy({adapter: reg.model_uri, **spec.serve.adapters}, base=spec.model.model_dump(mode="json"),
+                     tracking_uri=tracking.tracking_uri(spec), spec=spec.serve)
     result.timings["deploy_s"] = time.perf_counter() - t
     result.url = url
     console.print(f"[bold]serving[/] adapter {adapter!r} ({reg.model_uri}) at {url}")

@@ -24,8 +24,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.background import BackgroundTask
 
 from serve.schemas import (
+    AdapterDeleted,
+    AdapterEntry,
+    AdapterList,
+    AdapterLoad,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ClassifyRequest,
@@ -41,6 +46,7 @@ from workers.errors import (
     AdapterflowError,
     AdapterIntegrityError,
     AuthError,
+    ForbiddenError,
     RequestError,
     RequestTooLargeError,
     UnknownAdapterError,
@@ -54,7 +60,7 @@ api = FastAPI(title="adapterflow", version="0.1.0")
 
 ERROR_TYPES = {UnknownAdapterError: "adapter_not_found", WrongTaskError: "wrong_task", AuthError: "unauthorized",
                RequestError: "invalid_request", AdapterIntegrityError: "adapter_integrity",
-               RequestTooLargeError: "request_too_large"}
+               RequestTooLargeError: "request_too_large", ForbiddenError: "forbidden"}
 # a 200 may also be a stream of server-sent events (`stream: true`)
 STREAM = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                 "description": "The response; with stream: true, server-sent events of chunks, then [DONE]."}}
@@ -101,42 +107,50 @@ class AdapterServer:
     section; without it, the base the registry recorded for the (registered) adapters. An adapter's
     manifest never chooses the base (`workers.trust`)."""
 
-    def __init__(self, adapters: dict[str, str], tracking_uri: str | None = None,
-                 threads: int = 1, api_key_env: str | None = None, max_new_tokens: int = 64,
-                 base: dict | None = None, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005,
-                 limits: dict | None = None, app_name: str = "adapterflow"):
+    def __init__(self, adapters: dict[str, str], base: dict, tracking_uri: str | None, options: dict):
         from serve import app as module  # the class travels by value: the module's own globals
-
-        module.LIMITS.update(limits or {})
-        self._classify_batch.set_max_batch_size(max_batch_size)
-        self._classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.api_key = None
-        if api_key_env:
-            self.api_key = os.environ.get(api_key_env)
-            if not self.api_key:
-                from workers.errors import SpecError
-
-                raise SpecError(
-                    f"serve.api_key_env is {api_key_env!r} but that variable is not set on the replica"
-                )
-        from serve.app import build_engine  # the class travels by value: import what it calls
+        from serve.app import build_engine, secret  # ... and imports what it calls
+        from serve.cache import AdapterCache
+        from serve.config import ServeSpec
         from serve.metrics import ReplicaMetrics
+        from serve.registry import registry
 
-        self.engine = build_engine(adapters, base, tracking_uri, threads)
-        self.engine.max_prompt_tokens = module.LIMITS["max_prompt_tokens"]
-        self.engine.max_decode_rows = max_batch_size
-        self.metrics = ReplicaMetrics(app_name)
+        sv = ServeSpec.model_validate(options)
+        module.LIMITS.update(sv.limits())
+        self._classify_batch.set_max_batch_size(sv.max_batch_size)
+        self._classify_batch.set_batch_wait_timeout_s(sv.batch_wait_timeout_s)
+        self.api_key = secret(sv.api_key_env, "serve.api_key_env")
+        self.admin_key = secret(sv.admin_key_env, "serve.admin_key_env")
+        self.roots = list(sv.adapter_roots)
+        first = dict(list(adapters.items())[: sv.max_adapters])  # the rest load on demand
+        self.engine = build_engine(first, base, tracking_uri, sv.threads)
+        self.engine.max_prompt_tokens = sv.max_prompt_tokens
+        self.engine.max_decode_rows = sv.max_batch_size
+        self.metrics = ReplicaMetrics(sv.app_name)
         self.engine.on_forward = self.metrics.forward
         self.metrics.adapters(len(self.engine.adapters), list(self.engine.load_seconds.values()))
-        self.max_new_tokens = max_new_tokens
+        self.cache = AdapterCache(self.engine, registry(sv.app_name, adapters), adapters, tracking_uri=tracking_uri,
+                                  metrics=self.metrics, **sv.cache())
+        for name, folder in self.engine.folders.items():
+            self.cache.adopt(name, first[name], folder)
+        self.max_new_tokens = sv.max_new_tokens
 
     def _auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
+        if self.api_key is not None:
+            self._bearer(request, self.api_key, "API key")
+
+    def _admin(self, request: Request) -> None:
+        if self.admin_key is None:
+            raise ForbiddenError("the adapter routes are off: set serve.admin_key_env to the name of an environment "
+                                 "variable holding an admin key")
+        self._bearer(request, self.admin_key, "admin key")
+
+    @staticmethod
+    def _bearer(request: Request, key: str, what: str) -> None:
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise AuthError("missing or wrong API key: send 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise AuthError(f"missing or wrong {what}: send 'Authorization: Bearer <key>'")
 
     @staticmethod
     def _count(n: int, what: str) -> None:
@@ -148,7 +162,11 @@ class AdapterServer:
 
     @api.get("/healthz", response_model=Health)
     def healthz(self):
-        return {"status": "ok", "adapters": sorted(self.engine.adapters)}
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (tests of the class)
+            replica = None
+        return {"status": "ok", "adapters": sorted(self.engine.adapters), "replica": replica}
 
     @api.get("/v1/models", response_model=ModelList, responses=error_responses(401))
     def models(self, request: Request):
@@ -156,6 +174,8 @@ class AdapterServer:
         data = [{"id": name, "object": "model", "owned_by": "adapterflow", "task": m["task"],
                  "method": m["method"], "base_model": m["base_model"]["name"]}
                 for name, m in sorted(self.engine.adapters.items())]
+        data += [{"id": name, "object": "model", "owned_by": "adapterflow", "base_model": self.engine.spec.name}
+                 for name in sorted(set(self.cache.refs) - set(self.engine.adapters))]  # registered, not held here
         if self.engine.serves_base(self.engine.base_id):  # a causal LM answers for its base too
             data.append({"id": self.engine.base_id, "object": "model", "owned_by": "adapterflow",
                          "task": self.engine.spec.task, "method": "base", "base_model": self.engine.spec.name})
@@ -166,7 +186,50 @@ class AdapterServer:
         """Batching so far on this replica: classify forwards and rows, the decode loop's steps and rows."""
         self._auth(request)
         decode = self.engine._decoder.stats if self.engine._decoder is not None else {}
-        return {**self.engine.stats, **decode}
+        return {**self.engine.stats, **decode, **self.cache.counts}
+
+    # ---------------------------------------------------------------- the live registry (admin key)
+    def _adapter_entries(self) -> list[dict]:
+        return [{"name": n, "ref": ref, "resident": n in self.engine.adapters,
+                 "method": self.engine.adapters[n]["method"] if n in self.engine.adapters else None}
+                for n, ref in sorted(self.cache.refs.items())]
+
+    @api.get("/v1/adapters", response_model=AdapterList, responses=error_responses(401, 403))
+    async def list_adapters(self, request: Request):
+        """The adapters the application serves (its registry), and which this replica holds now."""
+        self._admin(request)
+        self.cache.start()
+        await self.cache.sync()
+        return {"object": "list", "data": self._adapter_entries()}
+
+    @api.post("/v1/adapters", response_model=AdapterEntry, status_code=201,
+              responses=error_responses(400, 401, 403, 404, 409, 422))
+    async def load_adapter(self, body: AdapterLoad, request: Request):
+        """Serve `ref` as `name` on every replica (a new version if `name` is served): checked and
+        loaded here first, so a bad adapter is refused before any replica serves it."""
+        from serve.registry import allowed
+
+        self._admin(request)
+        if not allowed(body.ref, self.roots):
+            raise ForbiddenError(f"ref {body.ref!r}: only registry references (models:/...) and folders under "
+                                 f"serve.adapter_roots ({', '.join(self.roots) or 'none'}) can be loaded")
+        if self.engine.serves_base(body.name) or body.name == self.engine.base_id:
+            raise RequestError(f"name {body.name!r} is the base model's; choose another")
+        self.cache.start()
+        manifest = await self.cache.load(body.name, body.ref)
+        await self.cache.registry.put.remote(body.name, body.ref)
+        self.cache.refs[body.name] = body.ref
+        return {"name": body.name, "ref": body.ref, "resident": True, "method": manifest["method"]}
+
+    @api.delete("/v1/adapters/{name}", response_model=AdapterDeleted, responses=error_responses(401, 403, 404))
+    async def unload_adapter(self, name: str, request: Request):
+        """Stop serving `name` on every replica (requests already running finish)."""
+        self._admin(request)
+        if not await self.cache.registry.delete.remote(name):
+            raise UnknownAdapterError(f"unknown adapter {name!r}")
+        self.cache.refs.pop(name, None)
+        await self.cache.drop(name)
+        return {"name": name, "deleted": True}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _classify_batch(self, items: list[tuple[str, list]]) -> list:
@@ -181,7 +244,8 @@ class AdapterServer:
         self._count(len(body.inputs), "inputs")
         self.metrics.enter()
         try:
-            return await self._classify(body)
+            async with self.cache.use(body.adapter):
+                return await self._classify(body)
         finally:
             self.metrics.leave()
 
@@ -273,6 +337,22 @@ class AdapterServer:
         self._auth(request)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         self._count(len(prompts), "prompts")
+        await self.cache.pin(body.model)  # resident until the answer (or the stream) is done
+        try:
+            response = await self._completions(body, prompts)
+        except BaseException:
+            self.cache.unpin(body.model)
+            raise
+        return self._unpin_after(response, body.model)
+
+    def _unpin_after(self, response, name: str):
+        if isinstance(response, StreamingResponse):
+            response.background = BackgroundTask(self.cache.unpin, name)
+        else:
+            self.cache.unpin(name)
+        return response
+
+    async def _completions(self, body: CompletionRequest, prompts: list[str]):
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if self.engine.completion_samples(body.model, body.samples):  # Monte-Carlo: on its own
@@ -306,6 +386,15 @@ class AdapterServer:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._auth(request)
         self._count(len(body.messages), "messages")
+        await self.cache.pin(body.model)
+        try:
+            response = await self._chat(body)
+        except BaseException:
+            self.cache.unpin(body.model)
+            raise
+        return self._unpin_after(response, body.model)
+
+    async def _chat(self, body: ChatCompletionRequest):
         prompt = self.engine.chat_prompt(body.model, [m.model_dump() for m in body.messages])
         rows, events = self._start(body.model, [prompt], body, body.max_completion_tokens or body.max_tokens or 16)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
@@ -358,24 +447,53 @@ def operator_base(adapters: dict[str, str], tracking_uri: str | None = None) -> 
     return known[0]
 
 
-def build_app(adapters: dict[str, str], *, tracking_uri: str | None = None, num_replicas: int = 1,
-              num_cpus: float = 0.5, threads: int = 1, api_key_env: str | None = None,
-              max_new_tokens: int = 64, base: dict | None = None, max_ongoing_requests: int = 64,
-              max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, limits: dict | None = None,
-              app_name: str = "adapterflow"):
+def secret(env: str | None, key: str) -> str | None:
+    """The value of the environment variable a spec names for a key (None when it names none)."""
+    if not env:
+        return None
+    value = os.environ.get(env)
+    if not value:
+        from workers.errors import SpecError
+
+        raise SpecError(f"{key} is {env!r} but that variable is not set on the replica")
+    return value
+
+
+def serve_options(spec=None, **overrides):
+    """The app's `ServeSpec`: `spec` (or the defaults) with keyword overrides; `name` is `app_name`
+    and `limits` a dict of the limit fields."""
+    from serve.config import ServeSpec
+
+    data = (spec or ServeSpec()).model_dump()
+    if "name" in overrides:
+        overrides["app_name"] = overrides.pop("name")
+    data.update(overrides.pop("limits", None) or {})
+    data.update(overrides)
+    return ServeSpec.model_validate(data)
+
+
+def build_app(adapters: dict[str, str], *, base: dict | None = None, tracking_uri: str | None = None,
+              spec=None, **overrides):
+    """The Serve application for `adapters` on the operator's `base`, configured by a `ServeSpec`
+    (`spec`, with keyword overrides of its fields)."""
+    sv = serve_options(spec, **overrides)
     if base is None:  # fail in the driver, before any replica starts
         base = operator_base(adapters, tracking_uri)
     return AdapterServer.options(
-        num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus},
-        max_ongoing_requests=max_ongoing_requests,
-    ).bind(adapters, tracking_uri, threads, api_key_env, max_new_tokens, base, max_batch_size,
-           batch_wait_timeout_s, limits, app_name)
+        num_replicas=sv.num_replicas, ray_actor_options={"num_cpus": sv.num_cpus},
+        max_ongoing_requests=sv.max_ongoing_requests,
+    ).bind(adapters, base, tracking_uri, sv.model_dump(mode="json"))
 
 
-def deploy(adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 8000, name: str = "adapterflow",
-           route_prefix: str = "/", **kwargs) -> str:
-    """Start Serve's HTTP proxy on host:port (0: a free port), run the app, return its base URL.
-    A proxy already running keeps its address; the URL returned is the one it listens on."""
+def deploy(adapters: dict[str, str], *, base: dict | None = None, tracking_uri: str | None = None, spec=None,
+           **overrides) -> str:
+    """Start Serve's HTTP proxy on the spec's host:port (0: a free port), run the app, return its base
+    URL. A proxy already running keeps its address; the URL returned is the one it listens on. The
+    app's adapter registry starts from `adapters` (whatever an earlier deployment loaded is gone)."""
+    from serve.registry import reset
+
+    sv = serve_options(spec, **overrides)
+    host, port = sv.host, sv.port
     if port == 0:
         import socket
 
@@ -390,12 +508,17 @@ def deploy(adapters: dict[str, str], *, host: str = "127.0.0.1", port: int = 800
         host, port = opts.host, opts.port
     except (ImportError, AttributeError):
         pass
-    serve.run(build_app(adapters, app_name=name, **kwargs), name=name, route_prefix=route_prefix)
-    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    reset(sv.app_name, adapters)
+    serve.run(build_app(adapters, base=base, tracking_uri=tracking_uri, spec=sv), name=sv.app_name,
+              route_prefix=sv.route_prefix)
+    return f"http://{host}:{port}{sv.route_prefix.rstrip('/')}"
 
 
 def shutdown(name: str | None = None) -> None:
+    from serve.registry import drop
+
     if name:
         serve.delete(name)
+        drop(name)
     else:
         serve.shutdown()

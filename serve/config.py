@@ -34,6 +34,21 @@ class ServeSpec(StrictModel):
         description="Name of an environment variable holding the API key; when set, requests "
         "need 'Authorization: Bearer <key>'. The key itself never goes in a spec.",
     )
+    admin_key_env: str | None = Field(
+        None, description="Name of an environment variable holding the admin key, which the adapter routes "
+        "(GET/POST/DELETE /v1/adapters) need; unset: those routes are off. Never the client key.",
+    )
+    adapter_roots: list[str] = Field(
+        default_factory=list, description="Folders under which POST /v1/adapters may load adapter folders "
+        "(registry references, models:/..., are always allowed). Empty: registry references only.",
+    )
+    max_adapters: int = Field(64, gt=0, description="Adapters one replica holds at once (LRU beyond).")
+    max_adapter_bytes: int = Field(4 << 30, gt=0, description="Adapter weight bytes one replica holds (LRU beyond).")
+    registry_sync_s: float = Field(2.0, gt=0, description="How often a replica re-reads the app's adapter registry.")
+    alias_refresh_s: float = Field(
+        30.0, gt=0, description="How often a replica checks whether a registry alias it serves moved to another "
+        "version (then loads it; requests running finish on the old one).",
+    )
     max_new_tokens: int = Field(64, gt=0, description="Default completion length.")
     max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body accepted (413 beyond).")
     max_inputs: int = Field(256, gt=0, description="Inputs (classify) or prompts (completions) per request (413 beyond).")
@@ -41,6 +56,10 @@ class ServeSpec(StrictModel):
     samples: list[str] = Field(
         default_factory=list, description="Inputs sent to the deployment by `adapterflow run`."
     )
+
+    def cache(self) -> dict:
+        return {"max_adapters": self.max_adapters, "max_bytes": self.max_adapter_bytes,
+                "registry_sync_s": self.registry_sync_s, "alias_refresh_s": self.alias_refresh_s}
 
     def limits(self) -> dict:
         return {"max_body_bytes": self.max_body_bytes, "max_inputs": self.max_inputs,

@@ -25,6 +25,9 @@ class ReplicaMetrics:
                               tag_keys=keys)
         self.load_seconds = Histogram("adapterflow_adapter_load_seconds", description="Time to load an adapter "
                                       "onto the base (its checks included).", boundaries=SECONDS, tag_keys=keys)
+        self.cache_events = Counter("adapterflow_adapter_cache", description="Adapter cache events on the replica: "
+                                    "cache_hits, cache_misses (loaded on demand), evictions, reloads (a new version).",
+                                    tag_keys=("app", "event"))
         self._in_flight = 0
 
     def forward(self, rows: int, mixed: bool) -> None:
@@ -38,6 +41,9 @@ class ReplicaMetrics:
         self.resident.set(count, tags=self.tags)
         for s in load_seconds:
             self.load_seconds.observe(s, tags=self.tags)
+
+    def cache(self, event: str) -> None:
+        self.cache_events.inc(1, tags={**self.tags, "event": event})
 
     def enter(self) -> None:
         self._in_flight += 1

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 class ErrorDetail(BaseModel):
     type: str = Field(..., description="adapter_not_found, wrong_task, invalid_request, unauthorized, "
-                      "request_too_large, adapter_integrity or internal_error")
+                      "request_too_large, adapter_integrity, forbidden or internal_error")
     message: str
     code: int = Field(..., description="The HTTP status.")
 
@@ -22,7 +22,8 @@ class ErrorBody(BaseModel):
 def error_responses(*codes: int) -> dict:
     """Route decorator `responses=`: each status answered with an ErrorBody."""
     what = {400: "The request does not fit the adapter (wrong task, missing template field, ...).",
-            401: "Missing or wrong API key.", 404: "Unknown adapter.", 409: "The adapter does not fit this replica.",
+            401: "Missing or wrong API key.", 403: "Refused whoever asks (admin routes off, a folder outside "
+            "the allow-listed roots).", 404: "Unknown adapter.", 409: "The adapter does not fit this replica.",
             413: "Over a request limit (body bytes, inputs, prompt tokens).", 422: "Malformed request."}
     return {c: {"model": ErrorBody, "description": what[c]} for c in codes}
 
@@ -127,9 +128,36 @@ class ModelEntry(BaseModel):
     id: str
     object: str = "model"
     owned_by: str
-    task: str
-    method: str
+    task: str | None = Field(None, description="Known once the adapter is resident on the replica that answers.")
+    method: str | None = Field(None, description="The adapter method, 'base' for the base model itself.")
     base_model: str
+
+
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class AdapterLoad(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., pattern=ADAPTER_NAME, description="The name requests use (model / adapter).")
+    ref: str = Field(..., min_length=1, max_length=4096, description="A registry reference (models:/NAME@ALIAS, "
+                     "models:/NAME/N) or an adapter folder under one of serve.adapter_roots.")
+
+
+class AdapterEntry(BaseModel):
+    name: str
+    ref: str
+    resident: bool = Field(..., description="Loaded on the replica that answered.")
+    method: str | None = None
+
+
+class AdapterList(BaseModel):
+    object: str = "list"
+    data: list[AdapterEntry]
+
+
+class AdapterDeleted(BaseModel):
+    name: str
+    deleted: bool
 
 
 class ModelList(BaseModel):
@@ -139,10 +167,15 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: str
-    adapters: list[str]
+    adapters: list[str] = Field(..., description="The adapters the answering replica holds now.")
+    replica: str | None = Field(None, description="The answering replica's id.")
 
 
 class Stats(BaseModel):
+    cache_hits: int = Field(0, description="Requests whose adapter the replica held.")
+    cache_misses: int = Field(0, description="Requests whose adapter the replica loaded first.")
+    evictions: int = Field(0, description="Adapters the replica let go to stay within its bounds.")
+    reloads: int = Field(0, description="New versions loaded (a registry alias moved, a reference changed).")
     forwards: int = Field(..., description="Classify forwards.")
     rows: int = Field(..., description="Rows those forwards held.")
     mixed_forwards: int = Field(..., description="Classify forwards that mixed adapters.")

@@ -11,6 +11,8 @@ quiet_environment()
 
 API_KEY_ENV = "ADAPTERFLOW_TEST_API_KEY"
 os.environ.setdefault(API_KEY_ENV, "test-" + os.urandom(8).hex())  # before Ray starts: replicas inherit it
+ADMIN_KEY_ENV = "ADAPTERFLOW_TEST_ADMIN_KEY"
+os.environ.setdefault(ADMIN_KEY_ENV, "admin-" + os.urandom(8).hex())
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -81,7 +83,8 @@ def ray_session():
         from ray import cloudpickle
 
         cloudpickle.register_pickle_by_value(faults)  # the hook travels by value: workers need no tests/
-        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", API_KEY_ENV, faults.PLAN_ENV)}
+        env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", API_KEY_ENV, ADMIN_KEY_ENV,
+                                             faults.PLAN_ENV)}
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
                  _metrics_export_port=METRICS_PORT,
                  runtime_env={"env_vars": env, "worker_process_setup_hook": faults.worker_setup,

@@ -72,7 +72,8 @@ def reference_model(spec, adapter_dir):
 
 def test_healthz_and_models(server):
     r = httpx.get(f"{server}/cls/healthz")
-    assert r.status_code == 200 and r.json() == {"status": "ok", "adapters": ["toy"]}
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["adapters"] == ["toy"]
+    assert r.json()["replica"]
     m = httpx.get(f"{server}/cls/v1/models").json()
     assert m["data"][0]["id"] == "toy" and m["data"][0]["task"] == "seq-cls" and m["data"][0]["method"] == "lora"
 

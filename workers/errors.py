@@ -70,6 +70,13 @@ class AuthError(UserError):
     http_status = 401
 
 
+class ForbiddenError(UserError):
+    """A request the server refuses whoever sends it (an admin route that is off, a folder outside
+    the allow-listed roots)."""
+
+    http_status = 403
+
+
 class ResourceError(UserError):
     """The job cannot get the resources it asks for."""
 

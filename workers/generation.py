@@ -110,10 +110,9 @@ class Decoder:
                 waiting = self._step(waiting)
             except Exception as exc:  # a fault fails the rows it touched, never the loop
                 log.exception("decode step failed")
-                for lane in list(self.lanes.values()):
-                    for row in lane.rows:
-                        row.emit({"error": exc})
-                for row in waiting:
+                held = {id(r): r for r in [r for lane in self.lanes.values() for r in lane.rows] + waiting}
+                for row in held.values():
+                    self._leave(row)
                     row.emit({"error": exc})
                 self.lanes.clear()
                 waiting = []
@@ -131,6 +130,7 @@ class Decoder:
             keep: list[Row] = []
             for row in waiting:
                 if row.cancelled:
+                    self._leave(row)
                     continue
                 lane = self.lanes.get(row.lane)
                 busy = lane is not None and lane.rows and not self.joinable
@@ -142,6 +142,7 @@ class Decoder:
             for key, rows in joiners.items():
                 self._prefill(key, rows)
             self.stats["decode_steps"] += 1
+            self.engine.reap()  # adapters unloaded or replaced while rows held them go now
         return keep
 
     # ---------------------------------------------------------------- forwards
@@ -236,12 +237,20 @@ class Decoder:
             finish = _emit(row, finish)
             if finish:
                 done.append(first + j)
+                self._leave(row)
         if done:
             _select(lane, [i for i in range(len(lane.rows)) if i not in set(done)])
             if not lane.rows:
                 del self.lanes[lane.key]
 
+    def _leave(self, row: Row) -> None:
+        if row.adapter != BASE:
+            self.engine.release(row.adapter)
+
     def _drop_cancelled(self, lane: Lane) -> None:
+        for row in lane.rows:
+            if row.cancelled:
+                self._leave(row)
         keep = [i for i, r in enumerate(lane.rows) if not r.cancelled]
         if len(keep) < len(lane.rows):
             _select(lane, keep)

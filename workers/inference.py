@@ -45,11 +45,22 @@ class Engine:
         self.max_prompt_tokens: int | None = None  # a serving limit, when the replica sets one
         self.on_forward = None  # called with (rows, mixed) after each batched forward, when set
         self.load_seconds: dict[str, float] = {}  # adapter -> time its load took
+        self.folders: dict[str, Path] = {}  # adapter -> the folder it was loaded from
         self.max_decode_rows = 32  # rows the decode loop runs at once (serve.max_batch_size)
         self._decoder = None  # the continuous-batching decode loop, started on the first completion
+        # an adapter replaced at run time (a registry alias moved) is loaded beside the old one under
+        # another model-level name; the old one goes once no running request uses it
+        self.peft_names: dict[str, str] = {}  # served name -> the name the model knows it by
+        self._methods: dict[str, object] = {}  # model-level name -> its method
+        self._uses: dict[str, int] = {}  # model-level name -> decode rows holding it
+        self._retired: set[str] = set()
+        self._serial = 0
+        self._uses_lock = threading.Lock()
 
     # ------------------------------------------------------------------ adapters
-    def add_adapter(self, name: str, folder: str | Path, manifest: dict) -> None:
+    def add_adapter(self, name: str, folder: str | Path, manifest: dict, replace: bool = False) -> None:
+        """Load an adapter under `name`; with `replace`, a new version of a loaded one: requests
+        already running finish on the old version, new ones get the new."""
         import time
 
         from workers.trust import check_against_base, refuse_remote_code
@@ -62,36 +73,100 @@ class Engine:
             raise AdapterIntegrityError(
                 f"adapter {name!r} is for task {manifest['task']!r}, this base serves {self.spec.task!r}"
             )
+        if name in self.adapters and not replace:
+            raise AdapterIntegrityError(f"adapter {name!r} is already loaded; unload it first, or replace it")
+        if self.serves_base(name) or name == self.base_id and self.spec.task == "causal-lm":
+            raise AdapterIntegrityError(f"{name!r} is the base model's name; choose another adapter name")
         method = method_for_manifest(manifest)
-        groups = {method_for_manifest(m).replica_group() for m in self.adapters.values()} | {method.replica_group()}
+        others = {n: m for n, m in self.adapters.items() if n != name}
+        groups = {method_for_manifest(m).replica_group() for m in others.values()} | {method.replica_group()}
         if len(groups) > 1:
-            methods = sorted({m["method"] for m in self.adapters.values()} | {manifest["method"]})
+            methods = sorted({m["method"] for m in others.values()} | {manifest["method"]})
             raise AdapterIntegrityError(
                 f"adapter {name!r} ({manifest['method']}) cannot share a replica with the adapters already "
                 f"loaded ({', '.join(methods)}): their methods change the base in incompatible ways; "
                 "deploy them as separate applications"
             )
         limit = method.max_adapters_per_replica
-        if limit is not None and len(self.adapters) >= limit:
+        if limit is not None and len(others) >= limit:
             raise AdapterIntegrityError(f"adapter {name!r}: a replica holds at most {limit} {method.name} "
                                         "adapter(s); deploy it as its own application")
         with self._lock:
+            inner = name
+            if inner in self._methods:  # the model still knows that name (a version being replaced)
+                self._serial += 1
+                inner = f"{name}~{self._serial}"
             if self.model is None:
-                self.model = method.load(self.base, folder, adapter_name=name)
+                self.model = method.load(self.base, folder, adapter_name=inner)
             else:
-                method.add(self.model, folder, name)
+                method.add(self.model, folder, inner)
             self.model.eval()
-            self.adapters[name] = manifest
+            self._methods[inner] = method
+            with self._uses_lock:
+                old = self.peft_names.get(name)
+                self.peft_names[name] = inner
+                self.adapters[name] = manifest
+            self.tokenizers.pop(name, None)
             if (folder / "tokenizer_config.json").is_file():
                 from workers.models import adapter_tokenizer
 
                 self.tokenizers[name] = adapter_tokenizer(self.spec, folder)
+            if old is not None:
+                self._retire(old)
         self.load_seconds[name] = time.perf_counter() - started
+        self.folders[name] = folder
         log.info("loaded adapter %s (%s) from %s", name, manifest["method"], folder)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving `name`; its weights go once no running request uses them."""
+        with self._lock:
+            if name not in self.adapters:
+                raise UnknownAdapterError(f"unknown adapter {name!r}")
+            with self._uses_lock:
+                del self.adapters[name]
+                inner = self.peft_names.pop(name)
+            self.tokenizers.pop(name, None)
+            self.load_seconds.pop(name, None)
+            self.folders.pop(name, None)
+            self._retire(inner)
+
+    def peft(self, name: str) -> str:
+        """The model-level name of a served adapter."""
+        return self.peft_names.get(name, name)
+
+    def _hold_current(self, name: str) -> str:
+        """The model-level name `name` is served by now, held against unloading."""
+        with self._uses_lock:
+            if name not in self.adapters:
+                raise UnknownAdapterError(f"unknown adapter {name!r}")
+            inner = self.peft(name)
+            self._uses[inner] = self._uses.get(inner, 0) + 1
+            return inner
+
+    def release(self, inner: str) -> None:
+        with self._uses_lock:
+            self._uses[inner] = self._uses.get(inner, 1) - 1
+
+    def _retire(self, inner: str) -> None:
+        self._retired.add(inner)
+        self.reap()
+
+    def reap(self) -> None:
+        """Delete retired adapters no request holds (the caller holds the engine lock). The model's
+        last adapter stays (unreachable) until another is loaded."""
+        for inner in sorted(self._retired):
+            with self._uses_lock:
+                if self._uses.get(inner, 0) > 0 or len(self._methods) < 2:
+                    continue
+                method = self._methods.pop(inner)
+                self._retired.discard(inner)
+                self._uses.pop(inner, None)
+            method.unload(self.model, inner)
+            log.info("unloaded adapter %s", inner)
 
     def _select(self, name: str, task: str):
         manifest = self._check(name, task)
-        self.model.set_adapter(name)
+        self.model.set_adapter(self.peft(name))
         return manifest
 
     def _check(self, name: str, task: str) -> dict:
@@ -153,19 +228,21 @@ class Engine:
 
         out: list = [None] * len(requests)
         groups: dict[tuple, list] = {}
-        for i, (name, inputs) in enumerate(requests):
-            try:
-                manifest = self._check(name, "seq-cls")
-                texts = self._texts(name, manifest, inputs)
-            except AdapterflowError as exc:
-                out[i] = exc
-                continue
-            tok = self.tokenizers.get(name, self.tokenizer)
-            shared = method_for_manifest(manifest).shares_forward
-            key = (id(tok), manifest.get("max_length", 512), "*" if shared else name)
-            groups.setdefault(key, []).append((i, name, texts, tok))
-        rows_of: dict[int, list] = {i: [] for i in range(len(requests)) if out[i] is None}
-        with self._lock:
+        labels: dict[int, dict] = {}
+        with self._lock:  # names resolve to model-level ones and stay loaded until the forwards are done
+            for i, (name, inputs) in enumerate(requests):
+                try:
+                    manifest = self._check(name, "seq-cls")
+                    texts = self._texts(name, manifest, inputs)
+                except AdapterflowError as exc:
+                    out[i] = exc
+                    continue
+                labels[i] = {int(k): v for k, v in manifest["model"]["id2label"].items()}
+                tok = self.tokenizers.get(name, self.tokenizer)
+                shared = method_for_manifest(manifest).shares_forward
+                key = (id(tok), manifest.get("max_length", 512), "*" if shared else name)
+                groups.setdefault(key, []).append((i, self.peft(name), texts, tok))
+            rows_of: dict[int, list] = {i: [] for i in range(len(requests)) if out[i] is None}
             for (_, max_length, _), entries in groups.items():
                 rows = [(i, name, text) for i, name, texts, _ in entries for text in texts]
                 tok = entries[0][3]
@@ -189,9 +266,7 @@ class Engine:
                     for (i, _, _), row in zip(chunk, probs.tolist()):
                         rows_of[i].append(row)
         for i, rows in rows_of.items():
-            manifest = self.adapters[requests[i][0]]
-            id2label = {int(k): v for k, v in manifest["model"]["id2label"].items()}
-            out[i] = [self._labelled(row, id2label) for row in rows]
+            out[i] = [self._labelled(row, labels[i]) for row in rows]
         return out
 
     def classify(self, name: str, inputs: list, samples: int | None = None, seed: int = 0) -> list[dict]:
@@ -218,7 +293,7 @@ class Engine:
                 from workers.montecarlo import mc_outputs
 
                 mc = mc_outputs(self.model, dict(enc), n_mc, seed, "seq-cls", method_for_manifest(manifest),
-                                adapter_name=name)
+                                adapter_name=self.peft(name))
         out = []
         for j, row in enumerate(probs.tolist()):
             item = self._labelled(row, id2label)
@@ -303,10 +378,11 @@ class Engine:
         else:
             spec = manifest_spec(manifest)
             draws = spec is not None and method.draws_at_inference(spec)
-            lane = (id(tok), "*" if method.shares_forward and not draws else name)
+            adapter = self._hold_current(name)  # its weights stay until the row is done (the loop releases)
+            lane = (id(tok), "*" if method.shares_forward and not draws else adapter)
         if draws:
             lane += (self.decoder.new_id(),)
-        config = getattr(self.model, "peft_config", {}).get(name)
+        config = getattr(self.model, "peft_config", {}).get(adapter)
         row = Row(adapter=adapter, lane=lane, ids=list(ids), tokenizer=tok, max_tokens=max_tokens, emit=emit,
                   temperature=temperature, top_p=top_p, seed=seed, stop=list(stop or []),
                   eos=None if ignore_eos else tok.eos_token_id, draws=draws,
@@ -343,9 +419,10 @@ class Engine:
             full = torch.tensor([row.ids + row.out])
             n_prompt = len(row.ids)
             with self._lock:
-                self.model.set_adapter(name)
+                self.model.set_adapter(self.peft(name))
                 draws = mc_outputs(self.model, {"input_ids": full}, n_mc, seed or 0, "causal-lm",
-                                   method_for_manifest(manifest), adapter_name=name, reduce=token_logprobs(full))
+                                   method_for_manifest(manifest), adapter_name=self.peft(name),
+                                   reduce=token_logprobs(full))
             out["monte_carlo"] = {"samples": n_mc, "tokens": [row.tokenizer.decode([t]) for t in row.out],
                                   **{k: draws[k][0, n_prompt - 1:].tolist() for k in ("mean", "low", "high")}}
         return out

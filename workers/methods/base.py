@@ -119,6 +119,10 @@ class AdapterMethod:
         """One more saved adapter on a model that already holds some of this replica group."""
         model.load_adapter(str(folder), adapter_name=adapter_name)
 
+    def unload(self, model, adapter_name: str) -> None:
+        """Take one adapter off a model that holds others (a served adapter unloaded or replaced)."""
+        model.delete_adapter(adapter_name)
+
     def save(self, model, directory: Path, spec: MethodSpec) -> None:
         """The trained adapter's files (safetensors), and whatever `write_extra` adds."""
         model.save_pretrained(str(directory), safe_serialization=True)

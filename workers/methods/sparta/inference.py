@@ -80,6 +80,13 @@ class SpartaModel(nn.Module):
             view.index_put_((flat,), merged)
         self.active = name
 
+    @torch.no_grad()
+    def delete_adapter(self, name: str) -> None:
+        if name == self.active:
+            self.unmerge()
+        self.adapters.pop(name)
+        self.folders.pop(name, None)
+
     @contextlib.contextmanager
     def disable_adapter(self):
         """The base alone for the duration (as PEFT's `disable_adapter`)."""
