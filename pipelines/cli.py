@@ -184,10 +184,17 @@ def import_(
     set_: SetOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the artifact here (default: "
                                                    "in the folder itself, which gains adapterflow.json).")] = None,
+    register: Annotated[bool, typer.Option("--register", help="Also register it in MLflow (a new version of "
+                                           "--name), its manifest and base pinned.")] = False,
+    name: Annotated[Optional[str], typer.Option(help="Registered model name (default: the folder's name).")] = None,
+    alias: Annotated[Optional[str], typer.Option(help="With --register: point this alias at the new version.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        help="MLflow store for --register (default: $MLFLOW_TRACKING_URI, else .adapterflow/mlflow.db here).")] = None,
 ) -> None:
     """Make a stock PEFT adapter (LoRA, aLoRA, IA3, PVeRA) or a peft-sparta one an adapterflow adapter:
     checked against its base, completed with what it does not say (--task, --set model.id2label=...),
-    given a manifest (pickled files converted into an --output copy where the method can)."""
+    given a manifest (pickled files converted into an --output copy where the method can); with
+    --register, registered in MLflow so `adapterflow serve models:/NAME/N` serves it."""
     _quiet()
     from pipelines.spec import apply_override
     from workers.importer import import_adapter
@@ -197,9 +204,23 @@ def import_(
         if not assignment.startswith("model."):
             fail(f"--set {assignment!r}: import takes model.* keys only (labels, prompt_format, pad_token, ...)")
         apply_override(data, assignment)
+    if alias and not register:
+        fail("--alias needs --register")
     out, manifest = import_adapter(folder, data["model"], task=task, output=output)
     console.print(f"imported {manifest['method']} adapter ({manifest['task']}) for {base}: {out}")
-    console.print(f"  serve it: adapterflow serve {out} --base {base}")
+    if not register:
+        console.print(f"  serve it: adapterflow serve {out} --base {base}")
+        return
+    from pipelines.tracking import register_imported
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        store = Path.cwd() / ".adapterflow"
+        store.mkdir(exist_ok=True)
+        uri = f"sqlite:///{store / 'mlflow.db'}"
+    reg = register_imported(out, manifest, name or Path(folder).resolve().name, uri, alias=alias)
+    console.print(f"registered {reg.model_uri} in {uri} ({reg.reason})")
+    console.print(f"  serve it: adapterflow serve {reg.model_uri}" + (f" --tracking-uri {uri}" if tracking_uri else ""))
 
 
 @app.command(name="extract-subadapter")

@@ -129,27 +129,9 @@ def log_and_register(run_id: str, adapter_dir: Path, spec: PipelineSpec, report:
     if metric not in report:
         raise SpecError(f"track.selection_metric {metric!r} is not in the evaluation report "
                        f"({', '.join(k for k, v in report.items() if isinstance(v, (int, float)))})")
-    from workers.artifact import MANIFEST
-    from workers.common import sha256_file
-    from workers.store import BASE_TAG, MANIFEST_TAG, base_record
-
-    base = base_record(spec.model)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="adapter",
-            python_model=str(PYFUNC_CODE),
-            artifacts={"adapter": str(adapter_dir)},
-            code_paths=[str(ROOT / "workers")],
-            pip_requirements=PIP_REQUIREMENTS,
-            model_config={"base": base},
-            registered_model_name=name,
-        )
+        version = _log_version(adapter_dir, spec.model, name)
     client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
-    # pinned in the registry (the operator's), checked when the adapter is resolved: an edited manifest,
-    # or a file it lists, in the artifact store is refused; the base a replica builds comes from here
-    client.set_model_version_tag(name, version, MANIFEST_TAG, sha256_file(Path(adapter_dir) / MANIFEST))
-    client.set_model_version_tag(name, version, BASE_TAG, json.dumps(base, sort_keys=True))
     value = float(report[metric])
     client.set_model_version_tag(name, version, "selection_metric", metric)
     client.set_model_version_tag(name, version, metric, repr(value))
@@ -157,6 +139,63 @@ def log_and_register(run_id: str, adapter_dir: Path, spec: PipelineSpec, report:
     if moved:
         client.set_registered_model_alias(name, spec.track.alias, version)
     return Registration(name, version, spec.track.alias, moved, reason, f"models:/{name}/{version}")
+
+
+def _log_version(adapter_dir: Path, model, name: str) -> str:
+    """Log the adapter as the active run's MLflow Model and register a version of `name`, pinning its
+    manifest's sha256 and the operator's base (`model`, a ModelSpec) as version tags: resolving it
+    later checks both (an edited manifest or file in the artifact store is refused)."""
+    import mlflow
+
+    from workers.artifact import MANIFEST
+    from workers.common import sha256_file
+    from workers.store import BASE_TAG, MANIFEST_TAG, base_record
+
+    base = base_record(model)
+    info = mlflow.pyfunc.log_model(
+        name="adapter",
+        python_model=str(PYFUNC_CODE),
+        artifacts={"adapter": str(adapter_dir)},
+        code_paths=[str(ROOT / "workers")],
+        pip_requirements=PIP_REQUIREMENTS,
+        model_config={"base": base},
+        registered_model_name=name,
+    )
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(name, version, MANIFEST_TAG, sha256_file(Path(adapter_dir) / MANIFEST))
+    client.set_model_version_tag(name, version, BASE_TAG, json.dumps(base, sort_keys=True))
+    return version
+
+
+def register_imported(adapter_dir: Path, manifest: dict, name: str, tracking_uri: str,
+                      alias: str | None = None) -> Registration:
+    """Register an imported adapter (`adapterflow import --register`) in the store at `tracking_uri`:
+    a run of the experiment `imported` logs it, a version of `name` pins it; `alias` moves only when
+    asked (an imported adapter has no evaluation to earn it)."""
+    _quiet_mlflow()
+    import mlflow
+
+    from workers.config import ModelSpec
+
+    model = ModelSpec.model_validate({**manifest["model"], "task": manifest["task"]})
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    if client.get_experiment_by_name("imported") is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        client.create_experiment("imported", artifact_location=location)
+    mlflow.set_experiment("imported")
+    with mlflow.start_run(run_name=f"import-{name}"):
+        mlflow.log_params({"method": manifest["method"], "task": manifest["task"], "base": model.name,
+                           "imported_from": manifest.get("imported_from", str(adapter_dir))})
+        version = _log_version(adapter_dir, model, name)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    reason = f"@{alias} set to version {version}" if alias else "no alias set (--alias NAME sets one)"
+    return Registration(name, version, alias or "", bool(alias), reason, f"models:/{name}/{version}")
 
 
 def _decide_alias(client, name, alias, metric, greater, value, version) -> tuple[bool, str]:

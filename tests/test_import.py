@@ -211,3 +211,38 @@ def test_peft_sparta_folders_import_and_serve_their_outputs(task, tmp_path):
             want = theirs(**one).logits.float()
             got = engine.model(**one).logits.float()
         assert torch.allclose(got, want, atol=1e-5), text
+
+
+def test_import_register_pins_the_adapter_in_the_registry(tiny_llama, tmp_path):
+    """`import --register --alias`: a new registry version with its manifest and base pinned; the
+    registry reference resolves to the same adapter, and the base a server builds is the one given."""
+    import mlflow
+    from peft import LoraConfig
+
+    from pipelines.cli import app
+    from serve.app import build_engine, operator_base
+    from workers.store import resolve
+
+    config = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"])
+    peft_trained(tiny_llama, config, "seq-cls", tmp_path / "peft", steps=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["import", str(tmp_path / "peft"), "--base", str(tiny_llama), "--set",
+            "model.id2label={0: negative, 1: positive}", "--register", "--name", "stock-lora", "--alias", "champion",
+            "--tracking-uri", uri]
+    try:
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.stderr
+        assert "registered models:/stock-lora/1" in r.stdout
+        folder, manifest = resolve("models:/stock-lora@champion", tracking_uri=uri)
+        assert manifest == verify(tmp_path / "peft") and manifest["method"] == "lora"
+        base = operator_base({"x": "models:/stock-lora@champion"}, uri)
+        assert base["name"] == str(tiny_llama)
+        texts = ["good great lovely movie", "a cold grim story"]
+        served = build_engine({"x": "models:/stock-lora@champion"}, base, uri).classify("x", texts)
+        local = build_engine({"x": str(tmp_path / "peft")}, {"name": str(tiny_llama)}).classify("x", texts)
+        for s, w in zip(served, local):
+            assert s["probabilities"] == pytest.approx(w["probabilities"], abs=1e-6)
+        r = CliRunner().invoke(app, ["import", str(tmp_path / "x"), "--base", str(tiny_llama), "--alias", "a"])
+        assert r.exit_code == 2 and "--alias needs --register" in r.stderr
+    finally:
+        mlflow.set_tracking_uri(None)
