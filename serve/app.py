@@ -126,6 +126,8 @@ class AdapterServer:
         self.engine = build_engine(first, base, tracking_uri, sv.threads)
         self.engine.max_prompt_tokens = sv.max_prompt_tokens
         self.engine.max_decode_rows = sv.max_batch_size
+        self.engine.prefixes.max_conversations = sv.max_conversations
+        self.engine.prefixes.max_tokens = sv.max_conversation_tokens
         self.metrics = ReplicaMetrics(sv.app_name)
         self.engine.on_forward = self.metrics.forward
         self.metrics.adapters(len(self.engine.adapters), list(self.engine.load_seconds.values()))
@@ -186,7 +188,7 @@ class AdapterServer:
         """Batching so far on this replica: classify forwards and rows, the decode loop's steps and rows."""
         self._auth(request)
         decode = self.engine._decoder.stats if self.engine._decoder is not None else {}
-        return {**self.engine.stats, **decode, **self.cache.counts}
+        return {**self.engine.stats, **decode, **self.engine.prefixes.stats, **self.cache.counts}
 
     # ---------------------------------------------------------------- the live registry (admin key)
     def _adapter_entries(self) -> list[dict]:
@@ -271,7 +273,7 @@ class AdapterServer:
 
                 rows.append(self.engine.start_completion(
                     model, p, emit=emit, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                    seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos))
+                    seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos, conversation=body.conversation))
         except BaseException:
             for row in rows:
                 row.cancel()

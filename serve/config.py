@@ -49,6 +49,9 @@ class ServeSpec(StrictModel):
         30.0, gt=0, description="How often a replica checks whether a registry alias it serves moved to another "
         "version (then loads it; requests running finish on the old one).",
     )
+    max_conversations: int = Field(64, gt=0, description="Conversations whose base prefix cache a replica keeps "
+                                   "(requests with `conversation`; LRU beyond).")
+    max_conversation_tokens: int = Field(65_536, gt=0, description="Tokens those caches hold in all (LRU beyond).")
     max_new_tokens: int = Field(64, gt=0, description="Default completion length.")
     max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body accepted (413 beyond).")
     max_inputs: int = Field(256, gt=0, description="Inputs (classify) or prompts (completions) per request (413 beyond).")

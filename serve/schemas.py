@@ -74,6 +74,9 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end the text (not included).")
     ignore_eos: bool = Field(False, description="Decode to max_tokens even past the end-of-sequence token "
                              "(extension, for benchmarks).")
+    conversation: str | None = Field(None, min_length=1, max_length=256, description="A conversation id "
+                                     "(extension): an aLoRA adapter, or the base model, reuses the base's cache of "
+                                     "what this conversation sent before and prefills only what is new.")
 
     @field_validator("stop")
     @classmethod
@@ -185,6 +188,10 @@ class Stats(BaseModel):
     prefill_forwards: int = Field(0, description="Forwards that prefilled newly arrived prompts.")
     joined_mid_decode: int = Field(0, description="Requests that joined a lane while it was decoding.")
     mixed_decode_forwards: int = Field(0, description="Decode and prefill forwards that mixed adapters.")
+    prefix_tokens_computed: int = Field(0, description="Prompt tokens prefilled for requests of a conversation.")
+    prefix_tokens_reused: int = Field(0, description="Prompt tokens a conversation's cached prefix spared.")
+    prefix_hits: int = Field(0, description="Requests that reused a conversation's cached prefix.")
+    prefix_evictions: int = Field(0, description="Conversation caches let go (LRU, serve.max_conversations).")
 
 
 class ChatMessage(BaseModel):

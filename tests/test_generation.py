@@ -230,3 +230,36 @@ def test_replacing_an_adapter_mid_decode_keeps_running_rows_on_the_old_version(t
     engine.remove_adapter("x")
     with pytest.raises(UnknownAdapterError):
         engine.complete("x", "good", max_tokens=2)
+
+
+def test_a_conversation_reuses_the_base_prefix_and_answers_as_a_full_recompute(trained_adapters):
+    """aLoRA: turn 2 of a conversation starts with turn 1's tokens; it prefills only what is new before
+    the invocation (base) and the invocation on (adapter). Greedy and sampled ids equal the same
+    requests without a conversation (a full prefill); the base model's own requests reuse too."""
+    from serve.app import build_engine
+
+    trained = trained_adapters("alora")
+    engine = build_engine({"al": str(trained["folder"])}, trained["spec"].model.model_dump(mode="json"))
+    turns = ["say the word good great", "say the word good great lovely movie fun",
+             "say the word good great lovely movie fun the cast was warm"]
+
+    def ids(name, prompt, **kw):
+        done: queue.Queue = queue.Queue()
+        row = engine.start_completion(name, prompt, max_tokens=8, ignore_eos=True,
+                                      emit=lambda e: "finish_reason" in e and done.put(e), **kw)
+        done.get(timeout=60)
+        lengths.append(len(row.ids))
+        return list(row.out)
+
+    lengths: list[int] = []
+    for name in ("al", engine.base_id):
+        for sampling in ({}, {"temperature": 1.0, "seed": 5}):
+            want = [ids(name, t, **sampling) for t in turns]
+            before = dict(engine.decoder.stats), dict(engine.prefixes.stats)
+            lengths.clear()
+            got = [ids(name, t, conversation=f"c-{name}-{len(sampling)}", **sampling) for t in turns]
+            assert got == want, name
+            computed = engine.decoder.stats["prefix_tokens_computed"] - before[0]["prefix_tokens_computed"]
+            reused = engine.prefixes.stats["prefix_tokens_reused"] - before[1]["prefix_tokens_reused"]
+            assert computed + reused == sum(lengths) and reused >= len(lengths) - 1, (computed, reused, lengths)
+            assert reused > sum(lengths) / 3, (computed, reused, lengths)  # most of turns 2 and 3 came cached

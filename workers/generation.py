@@ -50,6 +50,7 @@ class Row:
     offset: int | None = None  # aLoRA: tokens from the invocation on, at prefill
     generator: object = None
     cancelled: bool = False
+    conversation: tuple | None = None  # (tokenizer, conversation id): reuse the base's cache of its prefix
 
     def cancel(self) -> None:
         """The client went away: the row leaves at the next step boundary."""
@@ -76,7 +77,7 @@ class Decoder:
         self._start_lock = threading.Lock()
         self._ids = itertools.count()
         self.stats = {"decode_steps": 0, "decode_forwards": 0, "decode_rows": 0, "prefill_forwards": 0,
-                      "joined_mid_decode": 0, "mixed_decode_forwards": 0}
+                      "joined_mid_decode": 0, "mixed_decode_forwards": 0, "prefix_tokens_computed": 0}
         self.joinable = True  # decided on the first cache the model makes
 
     def new_id(self) -> int:
@@ -140,7 +141,12 @@ class Decoder:
                 else:
                     keep.append(row)
             for key, rows in joiners.items():
-                self._prefill(key, rows)
+                reusing = [r for r in rows if r.conversation is not None and self.joinable]
+                for row in reusing:
+                    self._prefill_reusing(key, row)
+                rows = [r for r in rows if r not in reusing]
+                if rows:
+                    self._prefill(key, rows)
             self.stats["decode_steps"] += 1
             self.engine.reap()  # adapters unloaded or replaced while rows held them go now
         return keep
@@ -194,8 +200,45 @@ class Decoder:
                                               adapter_names=[r.adapter for r in rows])
             for r, o in zip(rows, offsets):
                 r.offset = o if r.alora else None
-        lane = self.lanes.get(key) or Lane(key)
         out = self._forward(rows, True, input_ids=ids, attention_mask=mask, position_ids=positions)
+        self._join(key, rows, out, mask)
+
+    def _prefill_reusing(self, key: tuple, row: Row) -> None:
+        """Prefill one request of a conversation from the conversation's cached base prefix: only the
+        tokens after the longest prefix it shares are computed; the keys and values before the
+        adapter's invocation (all but the last token for the base model) are kept for the next turn."""
+        import torch
+        from transformers import DynamicCache
+
+        model = self.engine.model
+        ids = row.ids
+        if row.alora:
+            from peft.tuners.lora.variants import calculate_alora_offsets
+
+            row.offset = calculate_alora_offsets(model.peft_config, row.adapter, torch.tensor([ids]),
+                                                 adapter_names=[row.adapter])[0]
+        base_len = len(ids) - (row.offset or 0) if row.offset else len(ids)
+        base_len = min(base_len, len(ids) - 1)  # at least one token to prefill with the adapter
+        store = self.engine.prefixes
+        reused, layers = store.longest(row.conversation, ids[:base_len])
+        cache = DynamicCache(ddp_cache_data=layers) if reused else DynamicCache()
+        # one forward of everything new: before the invocation the adapter is inactive (aLoRA), so
+        # those keys and values are the base's own and are kept for the next turn
+        new = ids[reused:]
+        if row.offset is not None:
+            row.offset = len(ids) - base_len  # the invocation on
+        mask = torch.ones((1, len(ids)), dtype=torch.long)
+        out = self._forward([row], True, input_ids=torch.tensor([new]), attention_mask=mask,
+                            position_ids=torch.arange(reused, len(ids)).unsqueeze(0),
+                            past_key_values=cache)
+        self.stats["prefix_tokens_computed"] += len(new)
+        if base_len:
+            store.put(row.conversation, ids[:base_len], out.past_key_values, length=base_len)
+        self._join(key, [row], out, mask)
+
+    def _join(self, key: tuple, rows: list[Row], out, mask) -> None:
+        """Rows just prefilled take their place in their lane (which may be decoding)."""
+        lane = self.lanes.get(key) or Lane(key)
         self.stats["prefill_forwards"] += 1
         cache = out.past_key_values
         if lane.cache is None:

@@ -48,6 +48,9 @@ class Engine:
         self.folders: dict[str, Path] = {}  # adapter -> the folder it was loaded from
         self.max_decode_rows = 32  # rows the decode loop runs at once (serve.max_batch_size)
         self._decoder = None  # the continuous-batching decode loop, started on the first completion
+        from workers.prefixes import PrefixStore
+
+        self.prefixes = PrefixStore()  # conversation id -> the base's cache of its prefix (aLoRA, base)
         # an adapter replaced at run time (a registry alias moved) is loaded beside the old one under
         # another model-level name; the old one goes once no running request uses it
         self.peft_names: dict[str, str] = {}  # served name -> the name the model knows it by
@@ -350,10 +353,12 @@ class Engine:
 
     def start_completion(self, name: str, prompt: str, *, emit, max_tokens: int = 64, temperature: float = 0.0,
                          top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                         ignore_eos: bool = False):
+                         ignore_eos: bool = False, conversation: str | None = None):
         """Queue a completion on the decode loop; `emit(event)` is called from the loop's thread with
         each piece of text (`{"text"}`), the last one with `finish_reason` and token counts, or
-        `{"error": exc}`. Request errors raise here, before anything is queued."""
+        `{"error": exc}`. Request errors raise here, before anything is queued. With `conversation`,
+        an aLoRA adapter's (or the base model's) request reuses the base's cache of the longest prefix
+        that conversation sent before; other adapters ignore it."""
         from workers.generation import BASE, Row
 
         if self.serves_base(name):  # the base model alone: the operator's prompt format, no adapter
@@ -387,11 +392,13 @@ class Engine:
                   temperature=temperature, top_p=top_p, seed=seed, stop=list(stop or []),
                   eos=None if ignore_eos else tok.eos_token_id, draws=draws,
                   alora=getattr(config, "alora_invocation_tokens", None) is not None)
+        if conversation is not None and (row.alora or adapter == BASE):
+            row.conversation = (id(tok), conversation)
         return self.decoder.submit(row)
 
     def complete(self, name: str, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-                 samples: int | None = None, ignore_eos: bool = False) -> dict:
+                 samples: int | None = None, ignore_eos: bool = False, conversation: str | None = None) -> dict:
         """A completion through the decode loop (batched with whatever else runs); with `samples`
         (PVeRA) also the Monte-Carlo mean and 95 % interval of each generated token's log-probability."""
         import queue
@@ -401,7 +408,8 @@ class Engine:
         n_mc = self.completion_samples(name, samples)
         events: queue.Queue = queue.Queue()
         row = self.start_completion(name, prompt, emit=events.put, max_tokens=max_tokens, temperature=temperature,
-                                    top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
+                                    top_p=top_p, seed=seed, stop=stop, ignore_eos=ignore_eos,
+                                    conversation=conversation)
         pieces = []
         while True:
             event = events.get()
