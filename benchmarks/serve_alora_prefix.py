@@ -1,7 +1,7 @@
 """P4: aLoRA time to first token after a long base context, through HTTP (streaming), with the
 conversation's cached base prefix reused ÷ the whole prompt prefilled again.
 
-A randomly initialised Llama (`serve_generation.build_model`: ~100M parameters, 4,096 positions)
+A randomly initialised Llama (`serve_generation.adapter_on_random_llama`: ~100M parameters, 4,096 positions)
 with an aLoRA adapter trained on it (4 steps, local mode). A conversation of about 1,024 tokens is
 sent once with `conversation` set (its prefix cached); then the same conversation plus a short new
 turn is sent with the conversation id (reuse) and without it (full prefill), in turns. Time to first
@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve_generation import build_model  # sets up the path and the quiet environment
-from serving_load import train_quick
+from serve_generation import adapter_on_random_llama  # sets up the path and the quiet environment
 
 
 def first_token_s(url: str, body: dict) -> float:
@@ -48,13 +47,11 @@ def main(argv=None) -> None:
 
     import httpx
 
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     with tempfile.TemporaryDirectory() as t:
         t = Path(t)
-        model = build_model(t / "llama")
-        folder, base = train_quick(t, "alora.yaml", extra=(
-            f"model.name={model}", "data.max_length=64", "train.global_batch_size=4", "adapter.r=8"))
+        model, folder, base = adapter_on_random_llama(t, "alora.yaml")
         url = deploy({"al": str(folder)}, port=args.port, name="alora-prefix", num_cpus=2, threads=2, base=base)
         from transformers import AutoTokenizer
 

@@ -47,6 +47,15 @@ def build_model(folder: Path, hidden: int = 1024, layers: int = 8) -> Path:
     return folder
 
 
+def adapter_on_random_llama(tmp: Path, example: str) -> tuple[Path, Path, dict]:
+    """The random Llama and an adapter of `pipelines/examples/<example>` trained on it (4 steps, r=8):
+    (model folder, adapter folder, the operator's base model section)."""
+    model = build_model(tmp / "llama")
+    folder, base = train_quick(tmp, example, extra=(
+        f"model.name={model}", "data.max_length=64", "train.global_batch_size=4", "adapter.r=8"))
+    return model, folder, base
+
+
 def derive(folder: Path, dst: Path, scale: float) -> Path:
     """Another adapter: every weight of `folder` scaled, with its own manifest."""
     from safetensors.torch import load_file, save_file
@@ -100,9 +109,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as t:
         t = Path(t)
-        model = build_model(t / "llama")
-        folder, base = train_quick(t, "stories_instruct.yaml", extra=(
-            f"model.name={model}", "data.max_length=64", "train.global_batch_size=4", "adapter.r=8"))
+        _, folder, base = adapter_on_random_llama(t, "stories_instruct.yaml")
         adapters = {"a0": str(folder)}
         for i in range(1, args.adapters):
             adapters[f"a{i}"] = str(derive(folder, t / f"a{i}", 1.0 + 0.25 * i))
@@ -113,7 +120,7 @@ def main(argv=None) -> None:
 def measure(adapters: dict, base: dict, args) -> None:
     import httpx
 
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     url = deploy(adapters, port=args.port, name="generation", num_cpus=2, threads=2, base=base,
                  max_batch_size=args.requests)

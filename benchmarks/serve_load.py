@@ -30,7 +30,7 @@ def main(argv=None) -> None:
 
     import ray
 
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     with tempfile.TemporaryDirectory() as t:
         if args.adapter:

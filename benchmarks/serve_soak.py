@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     p.add_argument("--port", type=int, default=8124)
     args = p.parse_args(argv)
 
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args(argv)
 
-    from serve.app import build_engine
+    from serve.deploy import build_engine
 
     with tempfile.TemporaryDirectory() as t:
         a, base = train_quick(t, "sparta.yaml", 1, ("adapter.seed=1",))

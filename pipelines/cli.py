@@ -287,7 +287,7 @@ def serve(targets: Annotated[list[str], typer.Argument(
     import time
 
     from pipelines import tracking
-    from serve.app import deploy
+    from serve.deploy import deploy
     from workers.stages import ensure_ray
 
     first = targets[0]

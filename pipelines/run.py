@@ -133,7 +133,7 @@ def print_samples(console: Console, samples: list[dict], positive: str | None = 
 
 
 def run_pipeline(spec: PipelineSpec, spec_dict: dict, console: Console, *, keep_serving: bool = False) -> RunResult:
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     t0 = time.perf_counter()
     result = train_and_register(spec, spec_dict, console)

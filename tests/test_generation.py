@@ -73,7 +73,7 @@ def run_batched(engine, reqs):
 
 @pytest.fixture(scope="module")
 def engines(trained_causal, tmp_path_factory):
-    from serve.app import build_engine
+    from serve.deploy import build_engine
 
     made = {}
 
@@ -203,7 +203,7 @@ def test_replacing_an_adapter_mid_decode_keeps_running_rows_on_the_old_version(t
     """A new version under the same name (a registry alias moved): the row already decoding finishes
     on the version it started with, a new request gets the new one, and the old weights are unloaded
     once no row holds them; an unloaded name is then unknown."""
-    from serve.app import build_engine
+    from serve.deploy import build_engine
     from workers.artifact import verify
     from workers.errors import UnknownAdapterError
 
@@ -236,7 +236,7 @@ def test_a_conversation_reuses_the_base_prefix_and_answers_as_a_full_recompute(t
     """aLoRA: turn 2 of a conversation starts with turn 1's tokens; it prefills only what is new before
     the invocation (base) and the invocation on (adapter). Greedy and sampled ids equal the same
     requests without a conversation (a full prefill); the base model's own requests reuse too."""
-    from serve.app import build_engine
+    from serve.deploy import build_engine
 
     trained = trained_adapters("alora")
     engine = build_engine({"al": str(trained["folder"])}, trained["spec"].model.model_dump(mode="json"))

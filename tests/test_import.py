@@ -61,7 +61,7 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_stock_peft_adapters_serve_with_peft_outputs(name, tiny_llama, tmp_path):
-    from serve.app import build_engine
+    from serve.deploy import build_engine
 
     task, config = CASES[name]
     reference, tok = peft_trained(tiny_llama, config(), task, tmp_path / "peft")
@@ -88,7 +88,7 @@ def test_stock_peft_adapters_serve_with_peft_outputs(name, tiny_llama, tmp_path)
 def test_stock_alora_keeps_its_invocation(tiny_llama, tmp_path):
     from peft import LoraConfig
 
-    from serve.app import build_engine
+    from serve.deploy import build_engine
 
     probe = __import__("transformers").AutoTokenizer.from_pretrained(tiny_llama)
     ids = probe.encode("###", add_special_tokens=False)
@@ -160,7 +160,7 @@ def test_peft_sparta_folders_import_and_serve_their_outputs(task, tmp_path):
     is converted to safetensors in the imported copy (read with torch's weights-only loader)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from serve.app import build_engine
+    from serve.deploy import build_engine
 
     ps = need_peft_sparta()
     path = need_shared("models", "stories260K")
@@ -220,7 +220,7 @@ def test_import_register_pins_the_adapter_in_the_registry(tiny_llama, tmp_path):
     from peft import LoraConfig
 
     from pipelines.cli import app
-    from serve.app import build_engine, operator_base
+    from serve.deploy import build_engine, operator_base
     from workers.store import resolve
 
     config = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"])

@@ -45,7 +45,7 @@ def test_no_project_file_names_the_plugin():
 
 
 def test_trains_on_two_workers_and_serves(tiny_llama, toy_data, tmp_path, ray_session, serve_port):
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
     from workers.artifact import verify
     from workers.stages import build_artifact, check_inputs, evaluate_artifact, launch_training
 

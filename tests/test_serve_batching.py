@@ -37,7 +37,7 @@ def perturbed_copy(folder, dst, weights_file, scale=-1.5):
 
 @pytest.fixture(scope="module")
 def server(trained_adapters, serve_port, ray_session, tmp_path_factory):
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     tmp = tmp_path_factory.mktemp("batching")
     lora, ia3 = trained_adapters("lora"), trained_adapters("ia3")
@@ -147,7 +147,7 @@ FAMILIES = {"pvera": "adapter_model.safetensors", "sparta": "sparse_deltas.safet
 @pytest.mark.parametrize("method", sorted(FAMILIES))
 def test_every_family_batched_equals_alone(method, trained_adapters, serve_port, ray_session, tmp_path):
     """Concurrent mixed requests on a replica of each family: each answer equals the same request alone."""
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
     from workers.methods import get_method
 
     trained = trained_adapters(method)

@@ -42,7 +42,7 @@ def adapters(tiny_llama, toy_data, toy_instruct, tmp_path_factory, ray_session):
 
 @pytest.fixture(scope="module")
 def server(adapters, serve_port, ray_session):
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     def base(kind):  # the operator's base: the spec's model section (the LM's with a chat template)
         model = adapters[kind][0].model.model_dump(mode="json")

@@ -37,7 +37,7 @@ def variants(trained_adapters, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(variants):
     """Each variant's probabilities from an engine in this process (a reference for the served ones)."""
-    from serve.app import build_engine
+    from serve.deploy import build_engine
 
     engine = build_engine({k: str(v) for k, v in variants["folders"].items()}, variants["base"])
     out = {k: [x["probabilities"]["positive"] for x in engine.classify(k, TEXTS[:4])] for k in variants["folders"]}
@@ -46,7 +46,7 @@ def expected(variants):
 
 
 def test_admin_routes_need_the_admin_key_and_an_allowed_root(variants, expected, serve_port, ray_session, tmp_path):
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     folders = variants["folders"]
     url = deploy({"a": str(folders["a"])}, port=serve_port, name="reg-admin", route_prefix="/ra", num_cpus=0.25,
@@ -104,7 +104,7 @@ def test_a_load_reaches_every_replica_and_survives_a_restart(variants, expected,
     import ray
     from ray import serve
 
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     folders = variants["folders"]
     url = deploy({"a": str(folders["a"])}, port=serve_port, name="reg-two", route_prefix="/r2", num_cpus=0.25,
@@ -138,7 +138,7 @@ def test_a_load_reaches_every_replica_and_survives_a_restart(variants, expected,
 
 
 def test_a_replica_holds_at_most_max_adapters_and_reloads_on_demand(variants, expected, serve_port, ray_session):
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     folders = {k: str(v) for k, v in variants["folders"].items()}
     url = deploy(folders, port=serve_port, name="reg-lru", route_prefix="/rl", num_cpus=0.25, base=variants["base"],
@@ -160,7 +160,7 @@ def test_moving_an_alias_under_load_drops_no_request(variants, expected, serve_p
     import mlflow
 
     from pipelines import tracking
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     from helpers import spec_for
 

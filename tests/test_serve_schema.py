@@ -20,7 +20,7 @@ LIMITS = {"max_inputs": 8, "max_body_bytes": 4096, "max_prompt_tokens": 12}
 
 @pytest.fixture(scope="module")
 def apps(trained_adapters, serve_port, ray_session):
-    from serve.app import deploy, shutdown
+    from serve.deploy import deploy, shutdown
 
     cls, lm = trained_adapters("lora"), trained_adapters("alora")
     url = deploy({"toy": str(cls["folder"])}, port=serve_port, name="schema-cls", route_prefix="/sc",

@@ -57,7 +57,7 @@ def test_every_checksum_still_passes(evil):
 
 def test_a_replica_refuses_it_and_runs_no_code(evil):
     """What a replica runs to load its adapters (`build_engine`), with the operator's base."""
-    from serve.app import build_engine
+    from serve.deploy import build_engine
 
     with pytest.raises(AdapterIntegrityError, match="trust_remote_code.*refused"):
         build_engine({"a": str(evil["folder"])}, evil["spec"].model.model_dump(mode="json"))
@@ -79,7 +79,7 @@ def test_merge_and_the_engine_refuse_it(evil, tmp_path):
 
 def test_the_base_is_the_operators_not_the_manifests(trained_adapters, tmp_path):
     """Without the trust flag, a manifest naming another folder still does not choose the base."""
-    from serve.app import build_engine
+    from serve.deploy import build_engine
 
     trained = trained_adapters("lora")
     folder = tmp_path / "adapter"
