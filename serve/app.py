@@ -1,25 +1,25 @@
-"""Ray Serve application: one base model per replica, adapters by name, an HTTP API.
+"""The HTTP ingress of a Serve application: auth, validation, limits and errors, and routing to the
+model deployments (`serve.replica.ModelServer`, one per replica group of the base model) through
+handles, with the adapter as the request's multiplexed model id (so a replica that holds it answers).
 
 Routes: `GET /healthz`, `GET /v1/models`, `GET /v1/stats` (batching counters), `POST /v1/classify`
-(seq-cls adapters; concurrent requests are batched, see `AdapterServer._classify_batch`) and
-`POST /v1/completions` and `POST /v1/chat/completions` (causal-LM adapters, OpenAI request and
-response shapes, streaming as server-sent events; generation runs on the continuous-batching decode
-loop, `workers.generation`).
+(seq-cls adapters; concurrent requests share forwards on the replica) and `POST /v1/completions` and
+`POST /v1/chat/completions` (causal-LM adapters, OpenAI request and response shapes, streaming as
+server-sent events; generation runs on the continuous-batching decode loop, `workers.generation`);
+admin routes `GET/POST/DELETE /v1/adapters`. A classify answer names the model replica that computed
+it (header `x-adapterflow-replica`).
 Errors are JSON `{"error": {"type", "message", "code"}}`, from one handler over the error tree
 (`workers.errors`): unknown adapter 404, malformed body 422, wrong task for the adapter 400, missing
 or wrong API key 401, an adapter that does not fit the replica 409, a platform fault 500.
 """
 
-
-
-import asyncio
 import hmac
 import json
 import logging
 import time
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -99,43 +99,41 @@ async def _malformed(request: Request, exc: RequestValidationError):
     return error(422, "invalid_request", "; ".join(parts))
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """The error a model replica raised, out of Ray's wrapper (which carries the remote traceback)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    return exc
+
+
 @serve.deployment
 @serve.ingress(api)
-class AdapterServer:
-    """One replica: the operator's base model and the adapters by name. `base` is the operator's model
-    section; without it, the base the registry recorded for the (registered) adapters. An adapter's
-    manifest never chooses the base (`workers.trust`)."""
+class Ingress:
+    """HTTP in front of the model deployments: `models` maps each replica group to its deployment's
+    handle, `groups` each adapter name to its group (the app's registry keeps both as adapters come and go)."""
 
-    def __init__(self, adapters: dict[str, str], base: dict, tracking_uri: str | None, options: dict):
+    def __init__(self, models: dict, groups: dict[str, str], tracking_uri: str | None, options: dict):
         from serve import app as module  # the class travels by value: the module's own globals
-        from serve.cache import AdapterCache
         from serve.config import ServeSpec
-        from serve.deploy import build_engine, secret  # ... and imports what it calls
-        from serve.metrics import ReplicaMetrics
+        from serve.deploy import secret
         from serve.registry import registry
 
         sv = ServeSpec.model_validate(options)
         module.LIMITS.update(sv.limits())
-        self._classify_batch.set_max_batch_size(sv.max_batch_size)
-        self._classify_batch.set_batch_wait_timeout_s(sv.batch_wait_timeout_s)
+        self.models = models
+        self.groups = dict(groups)
+        self.default = next(iter(models))  # the group the base model and unknown names go to
+        self.tracking_uri = tracking_uri
         self.api_key = secret(sv.api_key_env, "serve.api_key_env")
         self.admin_key = secret(sv.admin_key_env, "serve.admin_key_env")
         self.roots = list(sv.adapter_roots)
-        first = dict(list(adapters.items())[: sv.max_adapters])  # the rest load on demand
-        self.engine = build_engine(first, base, tracking_uri, sv.threads)
-        self.engine.max_prompt_tokens = sv.max_prompt_tokens
-        self.engine.max_decode_rows = sv.max_batch_size
-        self.engine.prefixes.max_conversations = sv.max_conversations
-        self.engine.prefixes.max_tokens = sv.max_conversation_tokens
-        self.metrics = ReplicaMetrics(sv.app_name)
-        self.engine.on_forward = self.metrics.forward
-        self.metrics.adapters(len(self.engine.adapters), list(self.engine.load_seconds.values()))
-        self.cache = AdapterCache(self.engine, registry(sv.app_name, adapters), adapters, tracking_uri=tracking_uri,
-                                  metrics=self.metrics, **sv.cache())
-        for name, folder in self.engine.folders.items():
-            self.cache.adopt(name, first[name], folder)
+        self.registry = registry(sv.app_name)
         self.max_new_tokens = sv.max_new_tokens
+        self._base_names: set[str] = set()
 
+    # ---------------------------------------------------------------- keys and limits
     def _auth(self, request: Request) -> None:
         if self.api_key is not None:
             self._bearer(request, self.api_key, "API key")
@@ -161,140 +159,134 @@ class AdapterServer:
             raise RequestTooLargeError(f"{n} {what} in one request, over this server's limit of "
                                        f"{LIMITS['max_inputs']} (serve.max_inputs); split the request")
 
-    @api.get("/healthz", response_model=Health)
-    def healthz(self):
+    # ---------------------------------------------------------------- routing
+    async def _group(self, name: str) -> str:
+        """The group whose replicas serve `name` (the registry is asked about names this ingress has not seen)."""
+        if name not in self.groups and name not in self._base_names:
+            self.groups.update(await self.registry.routes.remote())
+        return self.groups.get(name, self.default)
+
+    async def _call(self, group: str, method: str, *args, model: str | None = None):
+        handle = self.models[group]
+        if model is not None:
+            handle = handle.options(multiplexed_model_id=model)
         try:
-            replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # noqa: BLE001 - outside a replica (tests of the class)
-            replica = None
-        return {"status": "ok", "adapters": sorted(self.engine.adapters), "replica": replica}
+            return await getattr(handle, method).remote(*args)
+        except Exception as exc:  # noqa: BLE001 - re-raised as the replica's own error
+            raise _cause(exc) from None
+
+    async def _each(self, method: str, *args) -> list:
+        """`method` on one replica of every group."""
+        return [await self._call(g, method, *args) for g in self.models]
+
+    # ---------------------------------------------------------------- health, models, stats
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self):
+        states = await self._each("health")
+        adapters = sorted({a for s in states for a in s["adapters"]})
+        return {"status": "ok", "adapters": adapters, "replica": states[0]["replica"],
+                "groups": {s["group"]: {"replica": s["replica"], "adapters": s["adapters"]} for s in states}}
 
     @api.get("/v1/models", response_model=ModelList, responses=error_responses(401))
-    def models(self, request: Request):
+    async def models(self, request: Request):
         self._auth(request)
-        data = [{"id": name, "object": "model", "owned_by": "adapterflow", "task": m["task"],
-                 "method": m["method"], "base_model": m["base_model"]["name"]}
-                for name, m in sorted(self.engine.adapters.items())]
-        data += [{"id": name, "object": "model", "owned_by": "adapterflow", "base_model": self.engine.spec.name}
-                 for name in sorted(set(self.cache.refs) - set(self.engine.adapters))]  # registered, not held here
-        if self.engine.serves_base(self.engine.base_id):  # a causal LM answers for its base too
-            data.append({"id": self.engine.base_id, "object": "model", "owned_by": "adapterflow",
-                         "task": self.engine.spec.task, "method": "base", "base_model": self.engine.spec.name})
-        return {"object": "list", "data": data}
+        answers = await self._each("models")
+        data = [m for a in answers for m in a["resident"]]
+        _, refs = await self.registry.get.remote()
+        held = {m["id"] for m in data}
+        base_name = answers[0]["base_name"]
+        data += [{"id": name, "object": "model", "owned_by": "adapterflow", "base_model": base_name}
+                 for name in sorted(set(refs) - held)]  # registered, not held by the replicas asked
+        bases = {a["base"]["id"]: a["base"] for a in answers if a["base"]}
+        return {"object": "list", "data": data + list(bases.values())}
 
     @api.get("/v1/stats", response_model=Stats, responses=error_responses(401))
-    def stats(self, request: Request):
-        """Batching so far on this replica: classify forwards and rows, the decode loop's steps and rows."""
+    async def stats(self, request: Request):
+        """Batching so far: classify forwards and rows, the decode loop's steps and rows, the adapter cache
+        (summed over one replica of each group)."""
         self._auth(request)
-        decode = self.engine._decoder.stats if self.engine._decoder is not None else {}
-        return {**self.engine.stats, **decode, **self.engine.prefixes.stats, **self.cache.counts}
+        out: dict = {}
+        for s in await self._each("stats"):
+            for k, v in s.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     # ---------------------------------------------------------------- the live registry (admin key)
-    def _adapter_entries(self) -> list[dict]:
-        return [{"name": n, "ref": ref, "resident": n in self.engine.adapters,
-                 "method": self.engine.adapters[n]["method"] if n in self.engine.adapters else None}
-                for n, ref in sorted(self.cache.refs.items())]
-
     @api.get("/v1/adapters", response_model=AdapterList, responses=error_responses(401, 403))
     async def list_adapters(self, request: Request):
-        """The adapters the application serves (its registry), and which this replica holds now."""
+        """The adapters the application serves (its registry), and which of them the replicas asked hold now."""
         self._admin(request)
-        self.cache.start()
-        await self.cache.sync()
-        return {"object": "list", "data": self._adapter_entries()}
+        answers = await self._each("resident")
+        resident = {n for a in answers for n in a["resident"]}
+        _, refs = await self.registry.get.remote()
+        methods = {m["id"]: m["method"] for a in await self._each("models") for m in a["resident"]}
+        return {"object": "list", "data": [{"name": n, "ref": ref, "resident": n in resident, "method": methods.get(n)}
+                                           for n, ref in sorted(refs.items())]}
 
     @api.post("/v1/adapters", response_model=AdapterEntry, status_code=201,
               responses=error_responses(400, 401, 403, 404, 409, 422))
     async def load_adapter(self, body: AdapterLoad, request: Request):
-        """Serve `ref` as `name` on every replica (a new version if `name` is served): checked and
-        loaded here first, so a bad adapter is refused before any replica serves it."""
+        """Serve `ref` as `name` on every replica of its group (a new version if `name` is served): checked
+        and loaded on one replica first, so a bad adapter is refused before any replica serves it."""
         from serve.registry import allowed
 
         self._admin(request)
         if not allowed(body.ref, self.roots):
             raise ForbiddenError(f"ref {body.ref!r}: only registry references (models:/...) and folders under "
                                  f"serve.adapter_roots ({', '.join(self.roots) or 'none'}) can be loaded")
-        if self.engine.serves_base(body.name) or body.name == self.engine.base_id:
+        if await self._call(self.default, "serves_base", body.name):
             raise RequestError(f"name {body.name!r} is the base model's; choose another")
-        self.cache.start()
-        manifest = await self.cache.load(body.name, body.ref)
-        await self.cache.registry.put.remote(body.name, body.ref)
-        self.cache.refs[body.name] = body.ref
-        return {"name": body.name, "ref": body.ref, "resident": True, "method": manifest["method"]}
+        group = await self._group_of_ref(body.ref)
+        loaded = await self._call(group, "load_adapter", body.name, body.ref, model=body.name)
+        await self.registry.put.remote(body.name, body.ref, group)
+        self.groups[body.name] = group
+        return {"name": body.name, "ref": body.ref, "resident": True, "method": loaded["method"]}
+
+    async def _group_of_ref(self, ref: str) -> str:
+        """Which model deployment an adapter goes to: the only one, or the one of its method's replica group."""
+        if len(self.models) == 1:
+            return self.default
+        import asyncio
+
+        from workers.methods import method_for_manifest
+        from workers.store import resolve
+
+        _, manifest = await asyncio.to_thread(resolve, ref, tracking_uri=self.tracking_uri)
+        group = method_for_manifest(manifest).replica_group()
+        if group not in self.models:
+            raise AdapterIntegrityError(
+                f"{ref}: a {manifest['method']} adapter (replica group {group!r}); this application's replicas "
+                f"serve the groups {', '.join(sorted(self.models))}: deploy it with adapters of its group")
+        return group
 
     @api.delete("/v1/adapters/{name}", response_model=AdapterDeleted, responses=error_responses(401, 403, 404))
     async def unload_adapter(self, name: str, request: Request):
         """Stop serving `name` on every replica (requests already running finish)."""
         self._admin(request)
-        if not await self.cache.registry.delete.remote(name):
+        group = await self._group(name)
+        if not await self.registry.delete.remote(name):
             raise UnknownAdapterError(f"unknown adapter {name!r}")
-        self.cache.refs.pop(name, None)
-        await self.cache.drop(name)
+        self.groups.pop(name, None)
+        await self._call(group, "drop_adapter", name, model=name)
         return {"name": name, "deleted": True}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _classify_batch(self, items: list[tuple[str, list]]) -> list:
-        # concurrent requests share forwards; the forward runs off the event loop
-        self.metrics.batch(len(items))
-        return await asyncio.to_thread(self.engine.classify_batch, items)
-
+    # ---------------------------------------------------------------- classify
     @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
-              responses=error_responses(400, 401, 404, 413, 422))
-    async def classify(self, body: ClassifyRequest, request: Request):
+              responses=error_responses(400, 401, 404, 409, 413, 422))
+    async def classify(self, body: ClassifyRequest, request: Request, response: Response):
         self._auth(request)
         self._count(len(body.inputs), "inputs")
-        self.metrics.enter()
-        try:
-            async with self.cache.use(body.adapter):
-                return await self._classify(body)
-        finally:
-            self.metrics.leave()
+        group = await self._group(body.adapter)
+        out = await self._call(group, "classify", body.adapter, body.inputs, body.samples, body.seed, model=body.adapter)
+        if out["replica"]:
+            response.headers["x-adapterflow-replica"] = out["replica"]
+        return {"adapter": body.adapter, "results": out["results"]}
 
-    async def _classify(self, body: ClassifyRequest) -> dict:
-        if self.engine.monte_carlo_samples(body.adapter, body.samples):  # sampled forwards: on their own
-            results = await asyncio.to_thread(self.engine.classify, body.adapter, body.inputs,
-                                              samples=body.samples, seed=body.seed)
-        else:
-            results = await self._classify_batch((body.adapter, body.inputs))
-            if isinstance(results, Exception):
-                raise results
-        return {"adapter": body.adapter, "results": results}
-
-    def _start(self, model: str, prompts: list[str], body, max_tokens: int) -> tuple[list, asyncio.Queue]:
-        """Queue each prompt on the decode loop; events arrive on one asyncio queue as (index, event)."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        rows = []
-        try:
-            for i, p in enumerate(prompts):
-                def emit(event, i=i):
-                    loop.call_soon_threadsafe(events.put_nowait, (i, event))
-
-                rows.append(self.engine.start_completion(
-                    model, p, emit=emit, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                    seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos, conversation=body.conversation))
-        except BaseException:
-            for row in rows:
-                row.cancel()
-            raise
-        return rows, events
-
-    async def _finished(self, rows: list, events: asyncio.Queue) -> list[dict]:
-        """Every row's text and counts, once all have finished."""
-        texts = [[] for _ in rows]
-        ends: list[dict | None] = [None] * len(rows)
-        try:
-            while any(e is None for e in ends):
-                i, event = await events.get()
-                if "error" in event:
-                    raise event["error"]
-                texts[i].append(event["text"])
-                if "finish_reason" in event:
-                    ends[i] = event
-        finally:
-            for row in rows:
-                row.cancel()  # no-op for finished rows; frees the others if the client went away
-        return [{**e, "text": "".join(t)} for t, e in zip(texts, ends)]
+    # ---------------------------------------------------------------- completions
+    def _params(self, body, max_tokens: int) -> dict:
+        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed,
+                "stop": body.stops(), "ignore_eos": body.ignore_eos, "conversation": body.conversation,
+                "samples": getattr(body, "samples", None)}
 
     @staticmethod
     def _usage(ends) -> dict:
@@ -302,23 +294,31 @@ class AdapterServer:
         n_out = sum(e["completion_tokens"] for e in ends)
         return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
-    def _stream(self, rows, events, chunk, usage: bool) -> StreamingResponse:
-        """Server-sent events: `chunk(index, text, finish)` per piece, a usage chunk if asked, [DONE]."""
+    async def _stream(self, model: str, prompts, params: dict, chunk, usage: bool, messages=None):
+        """Server-sent events: `chunk(index, text, finish)` per piece, a usage chunk if asked, [DONE].
+        Errors before the first piece (unknown adapter, a limit) answer with their status as usual."""
+        group = await self._group(model)
+        handle = self.models[group].options(multiplexed_model_id=model, stream=True)
+        gen = handle.stream.remote(model, prompts, params, messages)
+        try:
+            head = await gen.__anext__()
+        except Exception as exc:  # noqa: BLE001 - the replica's own error, with its status
+            raise _cause(exc) from None
+        n = head["rows"]
 
         async def lines():
-            ends: list[dict | None] = [None] * len(rows)
+            ends: list[dict | None] = [None] * n
             try:
-                for i in range(len(rows)):
+                for i in range(n):
                     first = chunk(i, None, None)
                     if first is not None:
                         yield f"data: {json.dumps(first)}\n\n"
-                while any(e is None for e in ends):
-                    i, event = await events.get()
-                    if "error" in event:
-                        exc = event["error"]  # the headers are out: the error goes in the stream
-                        err = {"type": "internal_error", "message": str(exc), "code": getattr(exc, "http_status", 500)}
+                async for event in gen:
+                    if "error" in event:  # the headers are out: the error goes in the stream
+                        err = {"type": "internal_error", **event["error"]}
                         yield f"data: {json.dumps({'error': err})}\n\n"
                         return
+                    i = event["index"]
                     if "finish_reason" in event:
                         ends[i] = event
                     if event["text"] or "finish_reason" in event:
@@ -326,54 +326,33 @@ class AdapterServer:
                 if usage:
                     yield f"data: {json.dumps({**chunk(0, '', None), 'choices': [], 'usage': self._usage(ends)})}\n\n"
                 yield "data: [DONE]\n\n"
+            except Exception as exc:  # noqa: BLE001 - a replica lost mid-stream: the client hears it
+                err = {"type": "internal_error", "message": str(_cause(exc)), "code": 500}
+                yield f"data: {json.dumps({'error': err})}\n\n"
             finally:
-                for row in rows:
-                    row.cancel()
+                gen.cancel()
 
-        return StreamingResponse(lines(), media_type="text/event-stream")
+        return StreamingResponse(lines(), media_type="text/event-stream", background=BackgroundTask(gen.cancel))
 
     @api.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
-              responses={**error_responses(400, 401, 404, 413, 422), **STREAM})
+              responses={**error_responses(400, 401, 404, 409, 413, 422), **STREAM})
     async def completions(self, body: CompletionRequest, request: Request):
         self._auth(request)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         self._count(len(prompts), "prompts")
-        await self.cache.pin(body.model)  # resident until the answer (or the stream) is done
-        try:
-            response = await self._completions(body, prompts)
-        except BaseException:
-            self.cache.unpin(body.model)
-            raise
-        return self._unpin_after(response, body.model)
-
-    def _unpin_after(self, response, name: str):
-        if isinstance(response, StreamingResponse):
-            response.background = BackgroundTask(self.cache.unpin, name)
-        else:
-            self.cache.unpin(name)
-        return response
-
-    async def _completions(self, body: CompletionRequest, prompts: list[str]):
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
-        if self.engine.completion_samples(body.model, body.samples):  # Monte-Carlo: on its own
-            if body.stream:
-                raise RequestError("samples (Monte-Carlo log-probabilities) cannot stream; send stream: false")
-            results = [await asyncio.to_thread(
-                self.engine.complete, body.model, p, max_tokens=body.max_tokens, temperature=body.temperature,
-                top_p=body.top_p, seed=body.seed, stop=body.stops(), samples=body.samples, ignore_eos=body.ignore_eos)
-                for p in prompts]
-        else:
-            rows, events = self._start(body.model, prompts, body, body.max_tokens)
-            if body.stream:
-                def chunk(i, text, finish):
-                    if text is None:
-                        return None
-                    return {**meta, "choices": [{"index": i, "text": text, "logprobs": None,
-                                                 "finish_reason": finish}]}
+        params = self._params(body, body.max_tokens)
+        if body.stream:
+            def chunk(i, text, finish):
+                if text is None:
+                    return None
+                return {**meta, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
 
-                return self._stream(rows, events, chunk, bool(body.stream_options and body.stream_options.include_usage))
-            results = await self._finished(rows, events)
+            return await self._stream(body.model, prompts, params, chunk,
+                                      bool(body.stream_options and body.stream_options.include_usage))
+        group = await self._group(body.model)
+        results = await self._call(group, "complete", body.model, prompts, params, model=body.model)
         choices = []
         for i, r in enumerate(results):
             choice = {"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
@@ -383,21 +362,12 @@ class AdapterServer:
         return {**meta, "choices": choices, "usage": self._usage(results)}
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={**error_responses(400, 401, 404, 413, 422), **STREAM})
+              responses={**error_responses(400, 401, 404, 409, 413, 422), **STREAM})
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._auth(request)
         self._count(len(body.messages), "messages")
-        await self.cache.pin(body.model)
-        try:
-            response = await self._chat(body)
-        except BaseException:
-            self.cache.unpin(body.model)
-            raise
-        return self._unpin_after(response, body.model)
-
-    async def _chat(self, body: ChatCompletionRequest):
-        prompt = self.engine.chat_prompt(body.model, [m.model_dump() for m in body.messages])
-        rows, events = self._start(body.model, [prompt], body, body.max_completion_tokens or body.max_tokens or 16)
+        messages = [m.model_dump() for m in body.messages]
+        params = self._params(body, body.max_completion_tokens or body.max_tokens or 16)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
         if body.stream:
             def chunk(i, text, finish):
@@ -406,8 +376,10 @@ class AdapterServer:
                 return {**meta, "object": "chat.completion.chunk",
                         "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-            return self._stream(rows, events, chunk, bool(body.stream_options and body.stream_options.include_usage))
-        (r,) = await self._finished(rows, events)
+            return await self._stream(body.model, None, params, chunk,
+                                      bool(body.stream_options and body.stream_options.include_usage), messages)
+        group = await self._group(body.model)
+        (r,) = await self._call(group, "complete", body.model, None, params, messages, model=body.model)
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
                              "logprobs": None, "finish_reason": r["finish_reason"]}],

@@ -40,6 +40,7 @@ class AdapterCache:
         self.counts = {"cache_hits": 0, "cache_misses": 0, "evictions": 0, "reloads": 0}
         self._task: asyncio.Task | None = None
         self._alias_checked = 0.0
+        self.on_change = None  # called after an adapter is loaded or dropped (the replica tells its router)
 
     # ---------------------------------------------------------------- what the engine already holds
     def adopt(self, name: str, ref: str, folder: Path) -> None:
@@ -103,6 +104,7 @@ class AdapterCache:
         if self.metrics is not None:
             self.metrics.adapters(len(self.engine.adapters), [time.perf_counter() - started])
         await self._make_room(keep=name)
+        self._changed()
         return manifest
 
     def _load(self, name: str, ref: str):
@@ -118,7 +120,12 @@ class AdapterCache:
         await asyncio.to_thread(self.engine.remove_adapter, name)
         if self.metrics is not None:
             self.metrics.adapters(len(self.engine.adapters), [])
+        self._changed()
         return True
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     async def _make_room(self, keep: str) -> None:
         while len(self.resident) > self.max_adapters or (self.bytes > self.max_bytes and len(self.resident) > 1):

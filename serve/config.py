@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from workers.common import StrictModel
+
+
+class AutoscalingSpec(StrictModel):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas of a model deployment.")
+    max_replicas: int = Field(2, gt=0, description="Most replicas of a model deployment.")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.autoscaling: min_replicas ({self.min_replicas}) is above max_replicas "
+                             f"({self.max_replicas})")
+        return self
 
 
 class ServeSpec(StrictModel):
@@ -17,7 +31,14 @@ class ServeSpec(StrictModel):
         description="More adapters to serve beside the pipeline's own: name -> registry reference "
         "(models:/NAME@ALIAS) or adapter folder. All share the replica's base model.",
     )
-    num_replicas: int = Field(1, gt=0, description="Ray Serve replicas (each holds one base model).")
+    num_replicas: int = Field(1, gt=0, description="Replicas of each model deployment (each holds one base model); "
+                              "with `autoscaling`, where it starts.")
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Scale each model deployment between min_replicas and max_replicas on its ongoing requests "
+        "(Ray Serve's autoscaler); null: a fixed num_replicas.",
+    )
+    ingress_replicas: int = Field(1, gt=0, description="Replicas of the HTTP ingress (auth, validation, routing).")
+    ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs per ingress replica (it waits on the model replicas).")
     num_cpus: float = Field(
         0.5, gt=0, description="CPUs per replica (fractional so serving and training coexist)."
     )
@@ -59,6 +80,16 @@ class ServeSpec(StrictModel):
     samples: list[str] = Field(
         default_factory=list, description="Inputs sent to the deployment by `adapterflow run`."
     )
+
+    def autoscaling_options(self) -> dict:
+        """A model deployment's replica options: a fixed count, or the autoscaler's config."""
+        if self.autoscaling is None:
+            return {"num_replicas": self.num_replicas}
+        a = self.autoscaling
+        return {"num_replicas": "auto", "autoscaling_config": {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+            "initial_replicas": min(max(self.num_replicas, a.min_replicas), a.max_replicas),
+            "target_ongoing_requests": a.target_ongoing_requests}}
 
     def cache(self) -> dict:
         return {"max_adapters": self.max_adapters, "max_bytes": self.max_adapter_bytes,

@@ -1,11 +1,14 @@
-"""Building and running the Serve application: what a replica holds (`build_engine`, on the
-operator's base), the app's options (a `ServeSpec` with keyword overrides), `deploy` and `shutdown`."""
+"""Building and running the Serve application: what a model replica holds (`build_engine`, on the
+operator's base), how adapters split into replica groups (`group_adapters`), the app's options (a
+`ServeSpec` with keyword overrides), `build_app` (the ingress over one model deployment per group),
+`deploy` and `shutdown`."""
 
 import os
 
 from ray import serve
 
-from serve.app import AdapterServer
+from serve.app import Ingress
+from serve.replica import ModelServer
 
 
 def build_engine(adapters: dict[str, str], base: dict | None, tracking_uri: str | None = None, threads: int = 1):
@@ -67,17 +70,46 @@ def serve_options(spec=None, **overrides):
     return ServeSpec.model_validate(data)
 
 
+def group_adapters(adapters: dict[str, str], tracking_uri: str | None = None) -> dict[str, str]:
+    """name -> the replica group its method declares (`AdapterMethod.replica_group()`); each group gets
+    a model deployment of its own. Each adapter is resolved and verified here, in the driver, so a bad
+    reference fails before any replica starts."""
+    from workers.methods import method_for_manifest
+    from workers.store import resolve
+
+    return {name: method_for_manifest(resolve(ref, tracking_uri=tracking_uri)[1]).replica_group()
+            for name, ref in adapters.items()}
+
+
+def model_deployment_name(group: str) -> str:
+    return f"Model-{group}"
+
+
 def build_app(adapters: dict[str, str], *, base: dict | None = None, tracking_uri: str | None = None,
-              spec=None, **overrides):
+              spec=None, groups: dict[str, str] | None = None, **overrides):
     """The Serve application for `adapters` on the operator's `base`, configured by a `ServeSpec`
-    (`spec`, with keyword overrides of its fields)."""
+    (`spec`, with keyword overrides of its fields): an ingress over one model deployment per replica
+    group (`groups`: name -> group, worked out from the adapters when not given)."""
     sv = serve_options(spec, **overrides)
     if base is None:  # fail in the driver, before any replica starts
         base = operator_base(adapters, tracking_uri)
-    return AdapterServer.options(
-        num_replicas=sv.num_replicas, ray_actor_options={"num_cpus": sv.num_cpus},
-        max_ongoing_requests=sv.max_ongoing_requests,
-    ).bind(adapters, base, tracking_uri, sv.model_dump(mode="json"))
+    if not adapters:
+        from workers.errors import SpecError
+
+        raise SpecError("no adapters to serve")
+    groups = groups or group_adapters(adapters, tracking_uri)
+    options = sv.model_dump(mode="json")
+    models = {}
+    for group in dict.fromkeys(groups.values()):  # in the adapters' order: the first group takes the base's requests
+        mine = {n: ref for n, ref in adapters.items() if groups[n] == group}
+        models[group] = ModelServer.options(
+            name=model_deployment_name(group), ray_actor_options={"num_cpus": sv.num_cpus},
+            max_ongoing_requests=sv.max_ongoing_requests, **sv.autoscaling_options(),
+        ).bind(mine, base, tracking_uri, options, group)
+    return Ingress.options(
+        num_replicas=sv.ingress_replicas, ray_actor_options={"num_cpus": sv.ingress_num_cpus},
+        max_ongoing_requests=sv.max_ongoing_requests * len(models),
+    ).bind(models, groups, tracking_uri, options)
 
 
 def deploy(adapters: dict[str, str], *, base: dict | None = None, tracking_uri: str | None = None, spec=None,
@@ -103,8 +135,11 @@ def deploy(adapters: dict[str, str], *, base: dict | None = None, tracking_uri: 
         host, port = opts.host, opts.port
     except (ImportError, AttributeError):
         pass
-    reset(sv.app_name, adapters)
-    serve.run(build_app(adapters, base=base, tracking_uri=tracking_uri, spec=sv), name=sv.app_name,
+    if base is None:
+        base = operator_base(adapters, tracking_uri)
+    groups = group_adapters(adapters, tracking_uri)
+    reset(sv.app_name, adapters, groups)
+    serve.run(build_app(adapters, base=base, tracking_uri=tracking_uri, spec=sv, groups=groups), name=sv.app_name,
               route_prefix=sv.route_prefix)
     return f"http://{host}:{port}{sv.route_prefix.rstrip('/')}"
 

@@ -17,21 +17,30 @@ NAMESPACE = "adapterflow"
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class AdapterRegistry:
-    def __init__(self, entries: dict[str, str]):
+    """name -> reference, and name -> the replica group (model deployment) that serves it."""
+
+    def __init__(self, entries: dict[str, str], groups: dict[str, str] | None = None):
         self.entries = dict(entries)
+        self.groups = dict(groups or {})
         self.version = 0
 
     def get(self) -> tuple[int, dict[str, str]]:
         return self.version, dict(self.entries)
 
-    def put(self, name: str, ref: str) -> int:
+    def routes(self) -> dict[str, str]:
+        return dict(self.groups)
+
+    def put(self, name: str, ref: str, group: str | None = None) -> int:
         self.entries[name] = ref
+        if group is not None:
+            self.groups[name] = group
         self.version += 1
         return self.version
 
     def delete(self, name: str) -> bool:
         if self.entries.pop(name, None) is None:
             return False
+        self.groups.pop(name, None)
         self.version += 1
         return True
 
@@ -40,19 +49,19 @@ def actor_name(app: str) -> str:
     return f"adapterflow-registry-{app}"
 
 
-def registry(app: str, entries: dict[str, str] | None = None):
-    """The application's registry actor (made with `entries` when there is none yet)."""
+def registry(app: str, entries: dict[str, str] | None = None, groups: dict[str, str] | None = None):
+    """The application's registry actor (made with `entries` and their `groups` when there is none yet)."""
     return AdapterRegistry.options(name=actor_name(app), namespace=NAMESPACE, get_if_exists=True,
-                                   lifetime="detached").remote(entries or {})
+                                   lifetime="detached").remote(entries or {}, groups or {})
 
 
-def reset(app: str, entries: dict[str, str]):
+def reset(app: str, entries: dict[str, str], groups: dict[str, str] | None = None):
     """A new deployment of `app` starts from its spec's adapters: any registry left by an earlier one goes."""
     try:
         ray.kill(ray.get_actor(actor_name(app), namespace=NAMESPACE))
     except ValueError:
         pass
-    return registry(app, entries)
+    return registry(app, entries, groups)
 
 
 def drop(app: str) -> None:

@@ -168,10 +168,17 @@ class ModelList(BaseModel):
     data: list[ModelEntry]
 
 
+class GroupHealth(BaseModel):
+    replica: str | None = Field(None, description="The id of the model replica that answered for its group.")
+    adapters: list[str] = Field(..., description="The adapters that replica holds now.")
+
+
 class Health(BaseModel):
     status: str
-    adapters: list[str] = Field(..., description="The adapters the answering replica holds now.")
-    replica: str | None = Field(None, description="The answering replica's id.")
+    adapters: list[str] = Field(..., description="The adapters the answering model replicas hold now.")
+    replica: str | None = Field(None, description="The id of the model replica that answered (the first group's).")
+    groups: dict[str, GroupHealth] = Field(default_factory=dict, description="Replica group -> the model replica "
+                                           "that answered for it and its adapters.")
 
 
 class Stats(BaseModel):

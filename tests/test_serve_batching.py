@@ -126,14 +126,16 @@ def test_metrics_are_exported(server, metrics_url):
     deadline, text = time.monotonic() + 90, ""
     while time.monotonic() < deadline:
         text = httpx.get(metrics_url, timeout=10).text
-        if all(w in text for w in wanted) and 'mixed="true"' in text:
+        ours = [line for line in text.splitlines() if 'app="lora-batch"' in line]
+        if all(w in text for w in wanted) and any("adapters_resident" in x for x in ours) and \
+                any('mixed="true"' in x for x in ours):
             break
         time.sleep(3)
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
     resident = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line.startswith("ray_adapterflow_adapters_resident{") and 'app="lora-batch"' in line]
-    assert resident == [2.0], resident
+    assert resident == [2.0], [line for line in text.splitlines() if "adapters_resident" in line]
     mixed = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
              if re.match(r"ray_adapterflow_forwards_total\{.*app=\"lora-batch\".*mixed=\"true\"", line)]
     assert mixed and mixed[0] > 0, mixed
