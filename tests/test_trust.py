@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from workers.artifact import verify
 from workers.errors import AdapterIntegrityError
+from workers.store import MANIFEST_TAG
 
 from helpers import ROOT, spec_for
 
@@ -112,7 +113,7 @@ def registered(trained_adapters, tiny_llama, toy_data, tmp_path):
     reg = tracking.log_and_register(run_id, trained_adapters("lora")["folder"], spec, {"accuracy": 0.5})
     tracking.end_run(run_id)
     yield {"spec": spec, "uri": uri, "ref": f"models:/{reg.name}/{reg.version}", "alias": f"models:/{reg.name}@champion",
-           "store": spec.workspace_path() / "mlartifacts"}
+           "store": spec.workspace_path() / "mlartifacts", "name": reg.name, "version": reg.version}
     mlflow.set_tracking_uri(None)
 
 
@@ -152,3 +153,20 @@ def test_an_edited_weight_in_the_artifact_store_is_refused(registered):
         path.write_bytes(bytes(data))
     with pytest.raises(AdapterIntegrityError, match="fails its checksum"):
         resolve(registered["ref"], tracking_uri=registered["uri"])
+
+
+def test_a_registered_version_without_a_pinned_manifest_is_refused(registered):
+    """A version registered without the manifest tag (an older adapterflow) is refused, with what to
+    do; `allow_unpinned` is the explicit opt-in."""
+    import mlflow
+
+    from workers.store import resolve
+
+    mlflow.MlflowClient(tracking_uri=registered["uri"]).delete_model_version_tag(
+        registered["name"], registered["version"], MANIFEST_TAG)
+    with pytest.raises(AdapterIntegrityError, match="without a pinned manifest.*re-register it with this version"):
+        resolve(registered["ref"], tracking_uri=registered["uri"])
+    folder, manifest = resolve(registered["ref"], tracking_uri=registered["uri"], allow_unpinned=True)
+    assert manifest["method"] == "lora" and (folder / "adapterflow.json").is_file()
+
+
