@@ -26,10 +26,9 @@ class EvilConfig(LlamaConfig):
 '''
 
 
-@pytest.fixture
-def evil(trained_adapters, tiny_llama, tmp_path):
-    """A copy of the trained LoRA adapter whose manifest names a folder with the same weights plus
-    Python that writes a marker file when transformers imports it."""
+def _evil_model(tiny_llama, tmp_path):
+    """A folder with the tiny Llama's weights plus Python that writes a marker file when transformers
+    imports it (under trust_remote_code); returns (folder, marker)."""
     marker = tmp_path / "marker"
     model = tmp_path / "evil-model"
     shutil.copytree(tiny_llama, model)
@@ -37,12 +36,28 @@ def evil(trained_adapters, tiny_llama, tmp_path):
     cfg = json.loads((model / "config.json").read_text())
     cfg["auto_map"] = {"AutoConfig": "evil_config.EvilConfig"}
     (model / "config.json").write_text(json.dumps(cfg))
+    return model, marker
+
+
+def _edit_manifest(path, **model):
+    data = json.loads(path.read_text())
+    data["model"].update(model)
+    path.write_text(json.dumps(data))
+
+
+def _evil_copy(trained, tiny_llama, tmp_path):
+    """A copy of a trained adapter whose manifest names the evil folder with trust_remote_code."""
+    model, marker = _evil_model(tiny_llama, tmp_path)
     folder = tmp_path / "adapter"
-    shutil.copytree(trained_adapters("lora")["folder"], folder)
-    manifest = json.loads((folder / "adapterflow.json").read_text())
-    manifest["model"].update(name=str(model), trust_remote_code=True)
-    (folder / "adapterflow.json").write_text(json.dumps(manifest))
-    return {"folder": folder, "marker": marker, "model": model, "spec": trained_adapters("lora")["spec"]}
+    shutil.copytree(trained["folder"], folder)
+    _edit_manifest(folder / "adapterflow.json", name=str(model), trust_remote_code=True)
+    return {"folder": folder, "marker": marker, "model": model, "spec": trained["spec"]}
+
+
+@pytest.fixture
+def evil(trained_adapters, tiny_llama, tmp_path):
+    """The trained LoRA adapter, its manifest edited to name the evil folder with trust_remote_code."""
+    return _evil_copy(trained_adapters("lora"), tiny_llama, tmp_path)
 
 
 def test_the_planted_code_would_run_if_trusted(evil):
@@ -168,5 +183,74 @@ def test_a_registered_version_without_a_pinned_manifest_is_refused(registered):
         resolve(registered["ref"], tracking_uri=registered["uri"])
     folder, manifest = resolve(registered["ref"], tracking_uri=registered["uri"], allow_unpinned=True)
     assert manifest["method"] == "lora" and (folder / "adapterflow.json").is_file()
+
+
+# ---------------------------------------------------------------- the MLflow pyfunc model
+def _stored_model(registered):
+    """(the pyfunc model's adapter folder, its MLmodel file) in the artifact store."""
+    (mlmodel,) = [p for p in registered["store"].rglob("MLmodel")]
+    return mlmodel.parent / "artifacts" / "adapter", mlmodel
+
+
+def _edit_model_config(mlmodel, **config):
+    import yaml
+
+    data = yaml.safe_load(mlmodel.read_text())
+    data["flavors"]["python_function"]["config"].update(config)
+    mlmodel.write_text(yaml.safe_dump(data))
+
+
+def _no_registry(monkeypatch):
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+
+def test_the_mlflow_model_loads_and_predicts(registered):
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(registered["alias"])
+    assert model.predict(["good great movie"])["label"][0] in ("negative", "positive")
+
+
+def test_the_mlflow_model_refuses_an_edited_artifact_and_runs_no_code(registered, tiny_llama, tmp_path):
+    """Manifest and MLmodel both edited in the artifact store to name the evil folder with remote code
+    (the MLmodel's own digest updated too): the registry's pinned manifest refuses it."""
+    import mlflow
+
+    from workers.common import sha256_file
+
+    evil_model, marker = _evil_model(tiny_llama, tmp_path)
+    folder, mlmodel = _stored_model(registered)
+    _edit_manifest(folder / "adapterflow.json", name=str(evil_model), trust_remote_code=True)
+    _edit_model_config(mlmodel, base={"name": str(evil_model), "task": "seq-cls", "trust_remote_code": True},
+                       manifest_sha256=sha256_file(folder / "adapterflow.json"))
+    for ref in (registered["alias"], str(mlmodel.parent)):
+        with pytest.raises(AdapterIntegrityError, match="trust_remote_code.*refused"):
+            mlflow.pyfunc.load_model(ref)
+    _edit_manifest(folder / "adapterflow.json", trust_remote_code=False)  # the manifest alone no longer asks
+    with pytest.raises(AdapterIntegrityError, match="differs from the one registered"):
+        mlflow.pyfunc.load_model(registered["alias"])
+    assert not marker.exists()
+
+
+def test_the_mlflow_model_without_a_registry_checks_its_own_record(registered, tiny_llama, tmp_path, monkeypatch):
+    """Loaded from a folder with no registry to ask: the manifest digest logged in model_config is
+    checked, and that record (in the editable artifact store) can never ask for remote code."""
+    import mlflow
+
+    evil_model, marker = _evil_model(tiny_llama, tmp_path)
+    folder, mlmodel = _stored_model(registered)
+    _no_registry(monkeypatch)
+    _edit_model_config(mlmodel, base={"name": str(evil_model), "task": "seq-cls", "trust_remote_code": True})
+    with pytest.raises(AdapterIntegrityError, match="model's own record asks for trust_remote_code"):
+        mlflow.pyfunc.load_model(str(mlmodel.parent))
+    _edit_manifest(folder / "adapterflow.json", name=str(evil_model))
+    with pytest.raises(AdapterIntegrityError, match="differs from the one logged with the model"):
+        mlflow.pyfunc.load_model(str(mlmodel.parent))
+    assert not marker.exists()
 
 
