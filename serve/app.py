@@ -212,8 +212,8 @@ class AdapterServer:
 
         self._admin(request)
         if not allowed(body.ref, self.roots):
-            raise ForbiddenError(f"ref {body.ref!r}: only registry references (models:/...) and folders under "
-                                 f"serve.adapter_roots ({', '.join(self.roots) or 'none'}) can be loaded")
+            raise ForbiddenError(f"ref {body.ref!r}: only registry references (models:/NAME@ALIAS, models:/NAME/N) and "
+                                 f"folders under serve.adapter_roots ({', '.join(self.roots) or 'none'}) can be loaded")
         if self.engine.serves_base(body.name) or body.name == self.engine.base_id:
             raise RequestError(f"name {body.name!r} is the base model's; choose another")
         self.cache.start()

@@ -254,3 +254,22 @@ def test_the_mlflow_model_without_a_registry_checks_its_own_record(registered, t
     assert not marker.exists()
 
 
+# ---------------------------------------------------------------- admin routes: what may be loaded
+def test_admin_routes_load_only_registry_references_and_allow_listed_folders(tmp_path):
+    from serve.registry import allowed
+
+    root = tmp_path / "adapters"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    roots = [str(root)]
+    for ref in ("models:/sentiment@champion", "models:/sentiment/3", str(root / "a"), str(root)):
+        assert allowed(ref, roots), ref
+    for ref in ("runs:/0123abcd/adapter", "mlflow-artifacts:/1/abc/artifacts/adapter", "models:/m-0123abcd",
+                "models:/sentiment", "s3://bucket/adapter", str(tmp_path / "outside"),
+                str(root / ".." / "outside"), str(root / "link")):
+        assert not allowed(ref, roots), ref
+    assert not allowed(str(root / "a"), [])  # no roots: registry references only
+    assert allowed("models:/sentiment@champion", [])
+
+
