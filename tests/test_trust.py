@@ -15,7 +15,7 @@ from workers.artifact import verify
 from workers.errors import AdapterIntegrityError
 from workers.store import MANIFEST_TAG
 
-from helpers import ROOT, spec_for
+from helpers import ROOT, make_tiny_llama, spec_for
 
 EVIL_CODE = '''
 import pathlib
@@ -58,6 +58,12 @@ def _evil_copy(trained, tiny_llama, tmp_path):
 def evil(trained_adapters, tiny_llama, tmp_path):
     """The trained LoRA adapter, its manifest edited to name the evil folder with trust_remote_code."""
     return _evil_copy(trained_adapters("lora"), tiny_llama, tmp_path)
+
+
+@pytest.fixture
+def evil_sparta(trained_adapters, tiny_llama, tmp_path):
+    """The same edit on a trained SpaRTA adapter (for the SpaRTA API)."""
+    return _evil_copy(trained_adapters("sparta"), tiny_llama, tmp_path)
 
 
 def test_the_planted_code_would_run_if_trusted(evil):
@@ -273,3 +279,35 @@ def test_admin_routes_load_only_registry_references_and_allow_listed_folders(tmp
     assert allowed("models:/sentiment@champion", [])
 
 
+# ---------------------------------------------------------------- the SpaRTA API and merge
+def test_the_sparta_api_refuses_it_and_runs_no_code(evil_sparta, tiny_llama):
+    from workers.sparta import SpaRTAforCausalLM, SpaRTAforSequenceClassification
+
+    for base in (None, str(tiny_llama), {"name": str(tiny_llama), "dtype": "float32"}):
+        with pytest.raises(AdapterIntegrityError, match="trust_remote_code.*refused"):
+            SpaRTAforSequenceClassification(evil_sparta["folder"], base=base)
+    with pytest.raises(AdapterIntegrityError, match="trust_remote_code.*refused"):
+        SpaRTAforCausalLM(evil_sparta["folder"], base=str(tiny_llama))
+    assert not evil_sparta["marker"].exists()
+
+
+def test_the_sparta_api_builds_the_operators_base_checked_by_digest(trained_adapters, tiny_llama, tmp_path):
+    from workers.sparta import SpaRTAforSequenceClassification
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(trained_adapters("sparta")["folder"], folder)
+    _edit_manifest(folder / "adapterflow.json", name=str(tmp_path / "somewhere-else"))
+    clf = SpaRTAforSequenceClassification(folder, base=str(tiny_llama))
+    assert clf.model_name == str(tiny_llama)
+    assert clf.decide_class(["good great movie"])[0] in ("negative", "positive")
+    other = make_tiny_llama(tmp_path / "other-llama", seed=1)  # same shapes, other weights
+    with pytest.raises(AdapterIntegrityError, match="load it on the base it was trained on"):
+        SpaRTAforSequenceClassification(folder, base={"name": str(other)})
+
+
+def test_merging_a_folder_needs_the_operators_base(trained_adapters, tmp_path):
+    from pipelines.cli import app
+
+    r = CliRunner().invoke(app, ["merge", str(trained_adapters("lora")["folder"]), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "name the base model with --base" in r.stderr
+    assert not (tmp_path / "out").exists()
