@@ -158,8 +158,8 @@ def merge(adapter: Annotated[str, typer.Argument(help="An adapter folder or MLfl
           output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged model.")],
           tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow URI for models:/ references.")] = None,
           base: Annotated[Optional[str], typer.Option(
-              help="The base model to merge into (default: the one recorded at registration, else the one the "
-                   "adapter names, never with remote code).")] = None,
+              help="The base model to merge into (default: the one recorded at registration; an adapter "
+                   "folder needs it).")] = None,
           ) -> None:
     """Merge a mergeable adapter into its base and save the full model (safetensors; a QA-SparsePEFT
     adapter gives one packed INT4 sparse model)."""
@@ -170,6 +170,9 @@ def merge(adapter: Annotated[str, typer.Argument(help="An adapter folder or MLfl
     uri = _store_uri(tracking_uri)
     folder, manifest = resolve(adapter, tracking_uri=uri)
     base_model = {"name": base} if base is not None else registered_base(adapter, uri)
+    if base_model is None:
+        fail(f"{adapter}: name the base model with --base MODEL (an adapter's own manifest never chooses the "
+             "base it is merged into)")
     report = merge_adapter(folder, manifest, output, base=base_model)
     console.print(f"merged {manifest['method']} adapter into {manifest['base_model']['name']}: {output} "
                   f"({report['nonzeros_added']} non-zeros added to Linear weights)")

@@ -144,7 +144,9 @@ def log_and_register(run_id: str, adapter_dir: Path, spec: PipelineSpec, report:
 def _log_version(adapter_dir: Path, model, name: str) -> str:
     """Log the adapter as the active run's MLflow Model and register a version of `name`, pinning its
     manifest's sha256 and the operator's base (`model`, a ModelSpec) as version tags: resolving it
-    later checks both (an edited manifest or file in the artifact store is refused)."""
+    later checks both (an edited manifest or file in the artifact store is refused). The model's
+    `model_config` records both too, for a pyfunc load that no registry answers (the registry's
+    tags win where there is one: the MLmodel file sits in the artifact store)."""
     import mlflow
 
     from workers.artifact import MANIFEST
@@ -152,18 +154,19 @@ def _log_version(adapter_dir: Path, model, name: str) -> str:
     from workers.store import BASE_TAG, MANIFEST_TAG, base_record
 
     base = base_record(model)
+    digest = sha256_file(Path(adapter_dir) / MANIFEST)
     info = mlflow.pyfunc.log_model(
         name="adapter",
         python_model=str(PYFUNC_CODE),
         artifacts={"adapter": str(adapter_dir)},
         code_paths=[str(ROOT / "workers")],
         pip_requirements=PIP_REQUIREMENTS,
-        model_config={"base": base},
+        model_config={"base": base, "manifest_sha256": digest},
         registered_model_name=name,
     )
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
-    client.set_model_version_tag(name, version, MANIFEST_TAG, sha256_file(Path(adapter_dir) / MANIFEST))
+    client.set_model_version_tag(name, version, MANIFEST_TAG, digest)
     client.set_model_version_tag(name, version, BASE_TAG, json.dumps(base, sort_keys=True))
     return version
 

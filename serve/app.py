@@ -232,8 +232,8 @@ class Ingress:
 
         self._admin(request)
         if not allowed(body.ref, self.roots):
-            raise ForbiddenError(f"ref {body.ref!r}: only registry references (models:/...) and folders under "
-                                 f"serve.adapter_roots ({', '.join(self.roots) or 'none'}) can be loaded")
+            raise ForbiddenError(f"ref {body.ref!r}: only registry references (models:/NAME@ALIAS, models:/NAME/N) and "
+                                 f"folders under serve.adapter_roots ({', '.join(self.roots) or 'none'}) can be loaded")
         if await self._call(self.default, "serves_base", body.name):
             raise RequestError(f"name {body.name!r} is the base model's; choose another")
         group = await self._group_of_ref(body.ref)

@@ -61,7 +61,8 @@ class ServeSpec(StrictModel):
     )
     adapter_roots: list[str] = Field(
         default_factory=list, description="Folders under which POST /v1/adapters may load adapter folders "
-        "(registry references, models:/..., are always allowed). Empty: registry references only.",
+        "(registry references, models:/NAME@ALIAS or models:/NAME/N, are always allowed; runs:/ and "
+        "artifact-store URIs never). Empty: registry references only.",
     )
     max_adapters: int = Field(64, gt=0, description="Adapters one replica holds at once (LRU beyond).")
     max_adapter_bytes: int = Field(4 << 30, gt=0, description="Adapter weight bytes one replica holds (LRU beyond).")

@@ -72,12 +72,14 @@ def drop(app: str) -> None:
 
 
 def allowed(ref: str, roots: list[str]) -> bool:
-    """A reference an admin may load: a registry URI, or a folder under one of the allow-listed roots
-    (resolved, so `..` and symlinks cannot leave them)."""
-    from workers.store import MLFLOW_SCHEMES
+    """A reference an admin may load: a registry reference (`models:/NAME@ALIAS`, `models:/NAME/N`,
+    whose manifest and base the registry pinned), or a folder under one of the allow-listed roots
+    (resolved, so `..` and symlinks cannot leave them). Never a run's or an artifact store's URI
+    (`runs:/`, `mlflow-artifacts:/`, a logged model's `models:/m-...`): nothing pins those."""
+    from workers.store import MLFLOW_SCHEMES, REGISTRY_REF
 
-    if ref.startswith(MLFLOW_SCHEMES):
-        return True
+    if ref.startswith(MLFLOW_SCHEMES) or "://" in ref:
+        return bool(REGISTRY_REF.match(ref))
     try:
         path = Path(ref).expanduser().resolve()
     except (OSError, RuntimeError):

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from workers.artifact import verify
 from workers.errors import AdapterIntegrityError
+from workers.store import MANIFEST_TAG
 
-from helpers import ROOT, spec_for
+from helpers import ROOT, make_tiny_llama, spec_for
 
 EVIL_CODE = '''
 import pathlib
@@ -25,10 +26,9 @@ class EvilConfig(LlamaConfig):
 '''
 
 
-@pytest.fixture
-def evil(trained_adapters, tiny_llama, tmp_path):
-    """A copy of the trained LoRA adapter whose manifest names a folder with the same weights plus
-    Python that writes a marker file when transformers imports it."""
+def _evil_model(tiny_llama, tmp_path):
+    """A folder with the tiny Llama's weights plus Python that writes a marker file when transformers
+    imports it (under trust_remote_code); returns (folder, marker)."""
     marker = tmp_path / "marker"
     model = tmp_path / "evil-model"
     shutil.copytree(tiny_llama, model)
@@ -36,12 +36,34 @@ def evil(trained_adapters, tiny_llama, tmp_path):
     cfg = json.loads((model / "config.json").read_text())
     cfg["auto_map"] = {"AutoConfig": "evil_config.EvilConfig"}
     (model / "config.json").write_text(json.dumps(cfg))
+    return model, marker
+
+
+def _edit_manifest(path, **model):
+    data = json.loads(path.read_text())
+    data["model"].update(model)
+    path.write_text(json.dumps(data))
+
+
+def _evil_copy(trained, tiny_llama, tmp_path):
+    """A copy of a trained adapter whose manifest names the evil folder with trust_remote_code."""
+    model, marker = _evil_model(tiny_llama, tmp_path)
     folder = tmp_path / "adapter"
-    shutil.copytree(trained_adapters("lora")["folder"], folder)
-    manifest = json.loads((folder / "adapterflow.json").read_text())
-    manifest["model"].update(name=str(model), trust_remote_code=True)
-    (folder / "adapterflow.json").write_text(json.dumps(manifest))
-    return {"folder": folder, "marker": marker, "model": model, "spec": trained_adapters("lora")["spec"]}
+    shutil.copytree(trained["folder"], folder)
+    _edit_manifest(folder / "adapterflow.json", name=str(model), trust_remote_code=True)
+    return {"folder": folder, "marker": marker, "model": model, "spec": trained["spec"]}
+
+
+@pytest.fixture
+def evil(trained_adapters, tiny_llama, tmp_path):
+    """The trained LoRA adapter, its manifest edited to name the evil folder with trust_remote_code."""
+    return _evil_copy(trained_adapters("lora"), tiny_llama, tmp_path)
+
+
+@pytest.fixture
+def evil_sparta(trained_adapters, tiny_llama, tmp_path):
+    """The same edit on a trained SpaRTA adapter (for the SpaRTA API)."""
+    return _evil_copy(trained_adapters("sparta"), tiny_llama, tmp_path)
 
 
 def test_the_planted_code_would_run_if_trusted(evil):
@@ -112,7 +134,7 @@ def registered(trained_adapters, tiny_llama, toy_data, tmp_path):
     reg = tracking.log_and_register(run_id, trained_adapters("lora")["folder"], spec, {"accuracy": 0.5})
     tracking.end_run(run_id)
     yield {"spec": spec, "uri": uri, "ref": f"models:/{reg.name}/{reg.version}", "alias": f"models:/{reg.name}@champion",
-           "store": spec.workspace_path() / "mlartifacts"}
+           "store": spec.workspace_path() / "mlartifacts", "name": reg.name, "version": reg.version}
     mlflow.set_tracking_uri(None)
 
 
@@ -152,3 +174,140 @@ def test_an_edited_weight_in_the_artifact_store_is_refused(registered):
         path.write_bytes(bytes(data))
     with pytest.raises(AdapterIntegrityError, match="fails its checksum"):
         resolve(registered["ref"], tracking_uri=registered["uri"])
+
+
+def test_a_registered_version_without_a_pinned_manifest_is_refused(registered):
+    """A version registered without the manifest tag (an older adapterflow) is refused, with what to
+    do; `allow_unpinned` is the explicit opt-in."""
+    import mlflow
+
+    from workers.store import resolve
+
+    mlflow.MlflowClient(tracking_uri=registered["uri"]).delete_model_version_tag(
+        registered["name"], registered["version"], MANIFEST_TAG)
+    with pytest.raises(AdapterIntegrityError, match="without a pinned manifest.*re-register it with this version"):
+        resolve(registered["ref"], tracking_uri=registered["uri"])
+    folder, manifest = resolve(registered["ref"], tracking_uri=registered["uri"], allow_unpinned=True)
+    assert manifest["method"] == "lora" and (folder / "adapterflow.json").is_file()
+
+
+# ---------------------------------------------------------------- the MLflow pyfunc model
+def _stored_model(registered):
+    """(the pyfunc model's adapter folder, its MLmodel file) in the artifact store."""
+    (mlmodel,) = [p for p in registered["store"].rglob("MLmodel")]
+    return mlmodel.parent / "artifacts" / "adapter", mlmodel
+
+
+def _edit_model_config(mlmodel, **config):
+    import yaml
+
+    data = yaml.safe_load(mlmodel.read_text())
+    data["flavors"]["python_function"]["config"].update(config)
+    mlmodel.write_text(yaml.safe_dump(data))
+
+
+def _no_registry(monkeypatch):
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+
+def test_the_mlflow_model_loads_and_predicts(registered):
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(registered["alias"])
+    assert model.predict(["good great movie"])["label"][0] in ("negative", "positive")
+
+
+def test_the_mlflow_model_refuses_an_edited_artifact_and_runs_no_code(registered, tiny_llama, tmp_path):
+    """Manifest and MLmodel both edited in the artifact store to name the evil folder with remote code
+    (the MLmodel's own digest updated too): the registry's pinned manifest refuses it."""
+    import mlflow
+
+    from workers.common import sha256_file
+
+    evil_model, marker = _evil_model(tiny_llama, tmp_path)
+    folder, mlmodel = _stored_model(registered)
+    _edit_manifest(folder / "adapterflow.json", name=str(evil_model), trust_remote_code=True)
+    _edit_model_config(mlmodel, base={"name": str(evil_model), "task": "seq-cls", "trust_remote_code": True},
+                       manifest_sha256=sha256_file(folder / "adapterflow.json"))
+    for ref in (registered["alias"], str(mlmodel.parent)):
+        with pytest.raises(AdapterIntegrityError, match="trust_remote_code.*refused"):
+            mlflow.pyfunc.load_model(ref)
+    _edit_manifest(folder / "adapterflow.json", trust_remote_code=False)  # the manifest alone no longer asks
+    with pytest.raises(AdapterIntegrityError, match="differs from the one registered"):
+        mlflow.pyfunc.load_model(registered["alias"])
+    assert not marker.exists()
+
+
+def test_the_mlflow_model_without_a_registry_checks_its_own_record(registered, tiny_llama, tmp_path, monkeypatch):
+    """Loaded from a folder with no registry to ask: the manifest digest logged in model_config is
+    checked, and that record (in the editable artifact store) can never ask for remote code."""
+    import mlflow
+
+    evil_model, marker = _evil_model(tiny_llama, tmp_path)
+    folder, mlmodel = _stored_model(registered)
+    _no_registry(monkeypatch)
+    _edit_model_config(mlmodel, base={"name": str(evil_model), "task": "seq-cls", "trust_remote_code": True})
+    with pytest.raises(AdapterIntegrityError, match="model's own record asks for trust_remote_code"):
+        mlflow.pyfunc.load_model(str(mlmodel.parent))
+    _edit_manifest(folder / "adapterflow.json", name=str(evil_model))
+    with pytest.raises(AdapterIntegrityError, match="differs from the one logged with the model"):
+        mlflow.pyfunc.load_model(str(mlmodel.parent))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- admin routes: what may be loaded
+def test_admin_routes_load_only_registry_references_and_allow_listed_folders(tmp_path):
+    from serve.registry import allowed
+
+    root = tmp_path / "adapters"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    roots = [str(root)]
+    for ref in ("models:/sentiment@champion", "models:/sentiment/3", str(root / "a"), str(root)):
+        assert allowed(ref, roots), ref
+    for ref in ("runs:/0123abcd/adapter", "mlflow-artifacts:/1/abc/artifacts/adapter", "models:/m-0123abcd",
+                "models:/sentiment", "s3://bucket/adapter", str(tmp_path / "outside"),
+                str(root / ".." / "outside"), str(root / "link")):
+        assert not allowed(ref, roots), ref
+    assert not allowed(str(root / "a"), [])  # no roots: registry references only
+    assert allowed("models:/sentiment@champion", [])
+
+
+# ---------------------------------------------------------------- the SpaRTA API and merge
+def test_the_sparta_api_refuses_it_and_runs_no_code(evil_sparta, tiny_llama):
+    from workers.sparta import SpaRTAforCausalLM, SpaRTAforSequenceClassification
+
+    for base in (None, str(tiny_llama), {"name": str(tiny_llama), "dtype": "float32"}):
+        with pytest.raises(AdapterIntegrityError, match="trust_remote_code.*refused"):
+            SpaRTAforSequenceClassification(evil_sparta["folder"], base=base)
+    with pytest.raises(AdapterIntegrityError, match="trust_remote_code.*refused"):
+        SpaRTAforCausalLM(evil_sparta["folder"], base=str(tiny_llama))
+    assert not evil_sparta["marker"].exists()
+
+
+def test_the_sparta_api_builds_the_operators_base_checked_by_digest(trained_adapters, tiny_llama, tmp_path):
+    from workers.sparta import SpaRTAforSequenceClassification
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(trained_adapters("sparta")["folder"], folder)
+    _edit_manifest(folder / "adapterflow.json", name=str(tmp_path / "somewhere-else"))
+    clf = SpaRTAforSequenceClassification(folder, base=str(tiny_llama))
+    assert clf.model_name == str(tiny_llama)
+    assert clf.decide_class(["good great movie"])[0] in ("negative", "positive")
+    other = make_tiny_llama(tmp_path / "other-llama", seed=1)  # same shapes, other weights
+    with pytest.raises(AdapterIntegrityError, match="load it on the base it was trained on"):
+        SpaRTAforSequenceClassification(folder, base={"name": str(other)})
+
+
+def test_merging_a_folder_needs_the_operators_base(trained_adapters, tmp_path):
+    from pipelines.cli import app
+
+    r = CliRunner().invoke(app, ["merge", str(trained_adapters("lora")["folder"]), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "name the base model with --base" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -3,15 +3,19 @@
     from workers.sparta import SpaRTA, SpaRTAforSequenceClassification, SpaRTAforCausalLM
 
     model = SpaRTA(model, sparsity=0.99)                  # training wrapper (deltas train)
-    clf = SpaRTAforSequenceClassification(adapter="out/adapter", input_template="Review: {sentence}")
+    clf = SpaRTAforSequenceClassification(adapter="out/adapter", input_template="Review: {sentence}",
+                                          base="models/my-base")  # the operator's base (optional)
     clf.classify([{"sentence": "a fine film"}])            # tensor [n, num_labels] of probabilities
     clf.decide_class(["a fine film"]); clf.evaluate(texts, labels, batch_size=64); clf.id2label
     lm = SpaRTAforCausalLM(adapter="out/lm-adapter"); lm.generate(**tok("Once", return_tensors="pt"))
 
 An adapter folder is either one of ours (its `adapterflow.json` is verified: checksums, base) or
-one written by peft-sparta (`sparse_deltas.safetensors` + `config.json` naming the base). Unlike
-peft-sparta's loaders these keep the base's own dtype (float32 unless `dtype=` says otherwise)
-and load weights from safetensors only.
+one written by peft-sparta (`sparse_deltas.safetensors` + `config.json` naming the base). The base
+is the operator's where given (`base="path/or/hub-id"` or a model section `{"name", "revision",
+"dtype", "trust_remote_code"}`), else the one the adapter names, never with remote code; our
+adapters are checked against it by weight digest, and one whose manifest asks for remote code is
+refused. Unlike peft-sparta's loaders these keep the base's own dtype (float32 unless `dtype=`
+says otherwise) and load weights from safetensors only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 from pathlib import Path
 
 from workers.common import model_class, task_of
+from workers.config import ModelSpec
 from workers.errors import AdapterIntegrityError, SpecError
 from workers.methods import method_for_manifest
 from workers.methods.sparta import UPSTREAM_FROZEN, SpartaMethod, SpartaSpec, attach, load
@@ -35,29 +40,36 @@ def SpaRTA(model, sparsity: float, frozen_modules: list[str] | None = None,  # n
     return attach(model, spec, task)
 
 
-def _open(adapter: str | Path, task: str, dtype):
-    """(base model, tokenizer, model reference) for an adapter folder of ours or peft-sparta's."""
+def _open(adapter: str | Path, task: str, dtype, base=None):
+    """(base model, tokenizer, model reference) for an adapter folder of ours or peft-sparta's, on the
+    operator's `base` (a model name or folder, or a model section: name, revision, dtype); without
+    one, on the base the adapter names (never with remote code)."""
     import torch
     from transformers import AutoTokenizer
 
     from workers.artifact import MANIFEST, verify
-    from workers.models import load_model, load_tokenizer, quiet_transformers
-    from workers.trust import manifest_base
+    from workers.models import base_fingerprint, load_model, load_tokenizer, quiet_transformers, resolve_model_path
+    from workers.trust import check_against_base, manifest_base, serving_spec
 
     folder = Path(adapter)
+    if base is not None and not isinstance(base, (dict, ModelSpec)):
+        base = {"name": str(base)}
     if (folder / MANIFEST).is_file():
         manifest = verify(folder)
         if not isinstance(method_for_manifest(manifest), SpartaMethod):
             raise AdapterIntegrityError(f"{folder}: a {manifest['method']} adapter, not SpaRTA")
-        spec = manifest_base(manifest, folder)  # never with remote code
+        spec = serving_spec(manifest, base, folder) if base is not None else manifest_base(manifest, folder)
         if dtype is not None:
             spec = spec.model_copy(update={"dtype": str(dtype).removeprefix("torch.")})
+        check_against_base(manifest, spec, base_fingerprint(spec), folder)  # before the base is built
         tok = load_tokenizer(spec)
         return load_model(spec, tok), tok, spec.name
     config = json.loads((folder / "config.json").read_text())
-    name = config["sparta_pretrained_model"]
+    spec = None if base is None else base if isinstance(base, ModelSpec) else ModelSpec.model_validate(base)
+    name = config["sparta_pretrained_model"] if spec is None else resolve_model_path(spec.name)
     quiet_transformers()
-    kwargs = dict(dtype=dtype or torch.float32, use_safetensors=True)
+    opts = {} if spec is None else {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    kwargs = dict(dtype=dtype or (getattr(torch, spec.dtype) if spec else torch.float32), use_safetensors=True, **opts)
     if task == "seq-cls":
         if config.get("problem_type") not in (None, "single_label_classification"):
             raise AdapterIntegrityError(
@@ -66,7 +78,7 @@ def _open(adapter: str | Path, task: str, dtype):
         kwargs.update(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
     base = model_class(task).from_pretrained(name, **kwargs)
     tok_src = folder if (folder / "tokenizer_config.json").is_file() else name
-    tok = AutoTokenizer.from_pretrained(str(tok_src))
+    tok = AutoTokenizer.from_pretrained(str(tok_src), **opts)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if base.config.pad_token_id is None:
@@ -77,7 +89,8 @@ def _open(adapter: str | Path, task: str, dtype):
 class SpaRTAforSequenceClassification:
     """A SpaRTA classifier for inference: classify, decide_class, evaluate."""
 
-    def __init__(self, adapter, model=None, device: str = "cpu", input_template: str | None = None, dtype=None):
+    def __init__(self, adapter, model=None, device: str = "cpu", input_template: str | None = None, dtype=None,
+                 base=None):
         import torch
 
         self.adapter = str(adapter)
@@ -90,7 +103,7 @@ class SpaRTAforSequenceClassification:
                 tok.pad_token = tok.eos_token
             self.model_name = base.config._name_or_path
         else:
-            base, tok, self.model_name = _open(adapter, "seq-cls", dtype)
+            base, tok, self.model_name = _open(adapter, "seq-cls", dtype, base)
         self.model = load(base, self.adapter).eval().to(device)
         if hasattr(base, "score"):  # decoder classifiers read the last token: pad on the left
             tok.padding_side = "left"
@@ -157,9 +170,9 @@ class SpaRTAforSequenceClassification:
 class SpaRTAforCausalLM:
     """A SpaRTA-adapted causal LM (merged), used like the transformers model it wraps."""
 
-    def __init__(self, adapter, device_map: str = "cpu", dtype=None):
+    def __init__(self, adapter, device_map: str = "cpu", dtype=None, base=None):
         self.adapter = str(adapter)
-        base, self.tokenizer, self.model_name = _open(adapter, "causal-lm", dtype)
+        base, self.tokenizer, self.model_name = _open(adapter, "causal-lm", dtype, base)
         self.base_model = load(base, self.adapter).merge_and_unload().eval().to(device_map)
 
     def __repr__(self) -> str:

@@ -58,6 +58,38 @@ def registered_base(ref: str, tracking_uri: str | None = None) -> dict | None:
     return json.loads(raw) if raw else None
 
 
+def version_of_logged_model(run_id: str, model_id: str, tracking_uri: str | None = None):
+    """The registered version made from the logged model `model_id` of run `run_id` (None when the
+    registry has none, e.g. a model loaded from a folder)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    hits = [v for v in client.search_model_versions(f"run_id = '{run_id}'")
+            if v.source == f"models:/{model_id}"]
+    return hits[0] if hits else None
+
+
+def check_pinned(version, ref: str, folder: Path, allow_unpinned: bool = False) -> None:
+    """Refuse a registered adapter whose manifest is not the one pinned at registration, or that has
+    no pinned manifest (unless `allow_unpinned`: then it is checked against its own manifest only)."""
+    pinned = version.tags.get(MANIFEST_TAG)
+    if pinned is None:
+        if not allow_unpinned:
+            raise AdapterIntegrityError(
+                f"adapter {ref!r}: version {version.version} of {version.name!r} was registered without a pinned "
+                f"manifest sha256 (tag {MANIFEST_TAG}), so an edit in the artifact store could not be told; "
+                "re-register it with this version of adapterflow (re-run its pipeline, or `adapterflow import "
+                "--register` for an imported adapter), or pass allow_unpinned=True to trust its own manifest"
+            )
+        log.warning("%s: registered without a pinned manifest; checked against its own manifest only "
+                    "(allow_unpinned)", ref)
+    elif sha256_file(folder / MANIFEST) != pinned:
+        raise AdapterIntegrityError(
+            f"adapter {ref!r}: its {MANIFEST} in the artifact store differs from the one registered "
+            f"(sha256 {pinned[:16]}...): the artifact was changed after registration; re-register it"
+        )
+
+
 def _find_adapter_folder(root: Path) -> Path | None:
     if (root / MANIFEST).is_file():
         return root
@@ -69,8 +101,9 @@ def _find_adapter_folder(root: Path) -> Path | None:
 
 
 def resolve(ref: str, *, tracking_uri: str | None = None, dst: str | Path | None = None,
-            allow_pickle: bool = False) -> tuple[Path, dict]:
-    """Return (local folder, verified manifest) for an adapter reference."""
+            allow_pickle: bool = False, allow_unpinned: bool = False) -> tuple[Path, dict]:
+    """Return (local folder, verified manifest) for an adapter reference. A registered version must
+    carry the manifest sha256 pinned at registration (`allow_unpinned` accepts one without)."""
     if ref.startswith(MLFLOW_SCHEMES):
         import mlflow
         from mlflow.exceptions import MlflowException
@@ -91,13 +124,5 @@ def resolve(ref: str, *, tracking_uri: str | None = None, dst: str | Path | None
         raise UnknownAdapterError(f"adapter {ref!r}: no {MANIFEST} found under {local}")
     version = registered_version(ref, tracking_uri) if ref.startswith("models:/") else None
     if version is not None:
-        pinned = version.tags.get(MANIFEST_TAG)
-        if pinned is None:
-            log.warning("%s: registered without a pinned manifest (an older version); checked against its "
-                        "own manifest only", ref)
-        elif sha256_file(folder / MANIFEST) != pinned:
-            raise AdapterIntegrityError(
-                f"adapter {ref!r}: its {MANIFEST} in the artifact store differs from the one registered "
-                f"(sha256 {pinned[:16]}...): the artifact was changed after registration; re-register it"
-            )
+        check_pinned(version, ref, folder, allow_unpinned)
     return folder, verify(folder, allow_pickle=allow_pickle)
