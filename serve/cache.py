@@ -1,9 +1,11 @@
 """The adapters one replica holds: an LRU, bounded by count and by bytes, over the adapters the
 application's registry (`serve.registry`) names. A request for a registered adapter the replica does
 not hold loads it (a miss); the least recently used adapter no request holds makes room (an
-eviction). The replica re-reads the registry every `registry_sync_s` (and at once for a name it does
-not know), and re-resolves registry aliases (`models:/NAME@ALIAS`) every `alias_refresh_s`: a moved
-alias loads the new version beside the old, requests already running finish on the old one."""
+eviction); an adapter whose weights alone exceed the byte bound is refused (`RequestTooLargeError`)
+and evicts nothing. The replica re-reads the registry every `registry_sync_s` (and at once for a
+name it does not know), and re-resolves registry aliases (`models:/NAME@ALIAS`) every
+`alias_refresh_s`: a moved alias loads the new version beside the old, requests already running
+finish on the old one."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
+
+from workers.errors import RequestTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +101,9 @@ class AdapterCache:
 
     async def _load_now(self, name: str, ref: str) -> dict:
         started = time.perf_counter()
-        folder, manifest = await asyncio.to_thread(self._load, name, ref)
+        size, manifest = await asyncio.to_thread(self._load, name, ref)
         version = await asyncio.to_thread(_version, ref, self.tracking_uri)
-        self.resident[name] = {"ref": ref, "version": version, "bytes": weight_bytes(folder)}
+        self.resident[name] = {"ref": ref, "version": version, "bytes": size}
         self.resident.move_to_end(name)
         if self.metrics is not None:
             self.metrics.adapters(len(self.engine.adapters), [time.perf_counter() - started])
@@ -111,8 +115,14 @@ class AdapterCache:
         from workers.store import resolve
 
         folder, manifest = resolve(ref, tracking_uri=self.tracking_uri)
+        size = weight_bytes(folder)
+        if size > self.max_bytes:  # it could never fit: refused before any other adapter is evicted for it
+            raise RequestTooLargeError(
+                f"adapter {name!r} ({ref}): its weights are {size} bytes, over the {self.max_bytes} bytes this "
+                "replica holds for all its adapters (serve.max_adapter_bytes); raise serve.max_adapter_bytes "
+                "or serve it from an application of its own")
         self.engine.add_adapter(name, folder, manifest, replace=name in self.engine.adapters)
-        return folder, manifest
+        return size, manifest
 
     async def drop(self, name: str) -> bool:
         if self.resident.pop(name, None) is None:

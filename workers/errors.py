@@ -59,7 +59,7 @@ class RequestError(UserError):
 
 
 class RequestTooLargeError(UserError):
-    """A request over a serving limit (body bytes, inputs, prompt tokens)."""
+    """A request over a serving limit (body bytes, inputs, prompt tokens, an adapter's weight bytes)."""
 
     http_status = 413
 
