@@ -1,6 +1,7 @@
-"""A bounded soak: 64 loopback clients for 60 s against three replicas on one MiniLM base — two
-LoRA adapters on one replica (they share forwards), two IA3 adapters on another, one SpaRTA adapter
-on a third — each request picking an adapter in turn. It stops by itself. One JSON line per figure.
+"""A bounded soak: 64 loopback clients for 60 s against one application on one MiniLM base serving
+five adapters of three families — two LoRA adapters (they share forwards), two IA3 adapters and one
+SpaRTA adapter — so its ingress routes to three model deployments, one per replica group; each
+request picks an adapter in turn. It stops by itself. One JSON line per figure.
 
     .venv/bin/python benchmarks/serve_soak.py [--seconds 60] [--clients 64]
 
@@ -34,19 +35,14 @@ def main(argv=None) -> None:
         ia3a, _ = train_quick(tmp, "ia3.yaml", 1)
         ia3b, _ = train_quick(tmp, "ia3.yaml", 2)
         sparta, _ = train_quick(tmp, "sparta.yaml", 1)
-        knobs = dict(port=args.port, num_cpus=0.5, base=base)
-        urls = {"lora": deploy({"lora-1": str(lora1), "lora-2": str(lora2)}, name="soak-lora", route_prefix="/lora",
-                               **knobs),
-                "ia3": deploy({"ia3-1": str(ia3a), "ia3-2": str(ia3b)}, name="soak-ia3", route_prefix="/ia3", **knobs),
-                "sparta": deploy({"sparta-1": str(sparta)}, name="soak-sparta", route_prefix="/sparta", **knobs)}
-        targets = [(f"{urls['lora']}/v1/classify", "lora-1"), (f"{urls['ia3']}/v1/classify", "ia3-1"),
-                   (f"{urls['lora']}/v1/classify", "lora-2"), (f"{urls['sparta']}/v1/classify", "sparta-1"),
-                   (f"{urls['ia3']}/v1/classify", "ia3-2")]
+        url = deploy({"lora-1": str(lora1), "lora-2": str(lora2), "ia3-1": str(ia3a), "ia3-2": str(ia3b),
+                      "sparta-1": str(sparta)}, name="soak", route_prefix="/soak", port=args.port, num_cpus=0.5,
+                     base=base)
+        targets = [(f"{url}/v1/classify", name) for name in ("lora-1", "ia3-1", "lora-2", "sparta-1", "ia3-2")]
         run(targets, 4, 2.0)  # warm-up
         fig = run(targets, args.clients, args.seconds)
         print(json.dumps({"figure": "soak", "clients": args.clients, "seconds": args.seconds, **fig}), flush=True)
-        for app in ("soak-lora", "soak-ia3", "soak-sparta"):
-            shutdown(app)
+        shutdown("soak")
 
 
 if __name__ == "__main__":

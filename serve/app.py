@@ -63,12 +63,13 @@ ERROR_TYPES = {UnknownAdapterError: "adapter_not_found", WrongTaskError: "wrong_
 # a 200 may also be a stream of server-sent events (`stream: true`)
 STREAM = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                 "description": "The response; with stream: true, server-sent events of chunks, then [DONE]."}}
-# this replica's request limits (one deployment per replica process; set by AdapterServer)
-LIMITS = {"max_body_bytes": 1_048_576, "max_inputs": 256, "max_prompt_tokens": 2048}
+# the ingress's request limits (one deployment per replica process; set by Ingress from its ServeSpec)
+LIMITS = {"max_body_bytes": 1_048_576, "max_inputs": 256, "max_prompt_tokens": 2048, "max_tokens": 1024}
 
 
-def error(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message,
+def error(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
+    """The one error shape (OpenAI's): {"error": {"type", "message", "param", "code"}}."""
+    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, "param": param,
                                                                "code": status}})
 
 
@@ -81,22 +82,52 @@ async def _platform_error(request: Request, exc: AdapterflowError):
     return error(exc.http_status, kind, str(exc))
 
 
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    """Anything else is still JSON in the same shape: a model replica that is overloaded is a 503 (retry
+    later), one that failed or went away a 500; the message never carries a remote traceback."""
+    from ray.serve.exceptions import BackPressureError
+
+    exc = _cause(exc)
+    if isinstance(exc, AdapterflowError):
+        return await _platform_error(request, exc)
+    if isinstance(exc, BackPressureError):
+        return error(503, "overloaded", "the model replicas are at their queue limit; retry shortly")
+    log.error("request failed: %s: %s", type(exc).__name__, exc)
+    return error(500, "internal_error", f"the request failed on the server ({type(exc).__name__}); it was logged")
+
+
+def _too_large(size: str) -> JSONResponse:
+    return error(413, "request_too_large", f"the request body has {size} bytes, over this server's limit of "
+                 f"{LIMITS['max_body_bytes']} (serve.max_body_bytes)")
+
+
 @api.middleware("http")
 async def _body_limit(request: Request, call_next):
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > LIMITS["max_body_bytes"]:
-        return error(413, "request_too_large", f"the request body has {length} bytes, over this server's limit of "
-                     f"{LIMITS['max_body_bytes']} (serve.max_body_bytes)")
+    """Bodies over serve.max_body_bytes are refused, also those sent in chunks (no content-length),
+    which are read only up to the limit."""
+    limit, length = LIMITS["max_body_bytes"], request.headers.get("content-length", "")
+    if length.isdigit():
+        if int(length) > limit:
+            return _too_large(length)
+    elif request.method in ("POST", "PUT", "PATCH"):
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return _too_large(f"more than {limit}")
+        request._body = bytes(body)  # what the route reads
     return await call_next(request)
 
 
 @api.exception_handler(RequestValidationError)
 async def _malformed(request: Request, exc: RequestValidationError):
-    parts = []
+    parts, params = [], []
     for e in exc.errors():
         loc = ".".join(str(x) for x in e["loc"] if x != "body")
         parts.append(f"{loc or 'body'}: {e['msg']}")
-    return error(422, "invalid_request", "; ".join(parts))
+        params.append(loc)
+    return error(422, "invalid_request", "; ".join(parts), params[0] if len(params) == 1 and params[0] else None)
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -159,6 +190,15 @@ class Ingress:
             raise RequestTooLargeError(f"{n} {what} in one request, over this server's limit of "
                                        f"{LIMITS['max_inputs']} (serve.max_inputs); split the request")
 
+    @staticmethod
+    def _max_tokens(n: int) -> int:
+        from serve.app import LIMITS
+
+        if n > LIMITS["max_tokens"]:
+            raise RequestTooLargeError(f"max_tokens {n} is over this server's limit of {LIMITS['max_tokens']} "
+                                       "(serve.max_tokens); ask for fewer")
+        return n
+
     # ---------------------------------------------------------------- routing
     async def _group(self, name: str) -> str:
         """The group whose replicas serve `name` (the registry is asked about names this ingress has not seen)."""
@@ -180,14 +220,14 @@ class Ingress:
         return [await self._call(g, method, *args) for g in self.models]
 
     # ---------------------------------------------------------------- health, models, stats
-    @api.get("/healthz", response_model=Health)
+    @api.get("/healthz", response_model=Health, responses=error_responses(500, 503))
     async def healthz(self):
         states = await self._each("health")
         adapters = sorted({a for s in states for a in s["adapters"]})
         return {"status": "ok", "adapters": adapters, "replica": states[0]["replica"],
                 "groups": {s["group"]: {"replica": s["replica"], "adapters": s["adapters"]} for s in states}}
 
-    @api.get("/v1/models", response_model=ModelList, responses=error_responses(401))
+    @api.get("/v1/models", response_model=ModelList, responses=error_responses(401, 500, 503))
     async def models(self, request: Request):
         self._auth(request)
         answers = await self._each("models")
@@ -200,7 +240,7 @@ class Ingress:
         bases = {a["base"]["id"]: a["base"] for a in answers if a["base"]}
         return {"object": "list", "data": data + list(bases.values())}
 
-    @api.get("/v1/stats", response_model=Stats, responses=error_responses(401))
+    @api.get("/v1/stats", response_model=Stats, responses=error_responses(401, 500, 503))
     async def stats(self, request: Request):
         """Batching so far: classify forwards and rows, the decode loop's steps and rows, the adapter cache
         (summed over one replica of each group)."""
@@ -212,7 +252,7 @@ class Ingress:
         return out
 
     # ---------------------------------------------------------------- the live registry (admin key)
-    @api.get("/v1/adapters", response_model=AdapterList, responses=error_responses(401, 403))
+    @api.get("/v1/adapters", response_model=AdapterList, responses=error_responses(401, 403, 500, 503))
     async def list_adapters(self, request: Request):
         """The adapters the application serves (its registry), and which of them the replicas asked hold now."""
         self._admin(request)
@@ -224,7 +264,7 @@ class Ingress:
                                            for n, ref in sorted(refs.items())]}
 
     @api.post("/v1/adapters", response_model=AdapterEntry, status_code=201,
-              responses=error_responses(400, 401, 403, 404, 409, 422))
+              responses=error_responses(400, 401, 403, 404, 409, 422, 500, 503))
     async def load_adapter(self, body: AdapterLoad, request: Request):
         """Serve `ref` as `name` on every replica of its group (a new version if `name` is served): checked
         and loaded on one replica first, so a bad adapter is refused before any replica serves it."""
@@ -259,7 +299,7 @@ class Ingress:
                 f"serve the groups {', '.join(sorted(self.models))}: deploy it with adapters of its group")
         return group
 
-    @api.delete("/v1/adapters/{name}", response_model=AdapterDeleted, responses=error_responses(401, 403, 404))
+    @api.delete("/v1/adapters/{name}", response_model=AdapterDeleted, responses=error_responses(401, 403, 404, 500, 503))
     async def unload_adapter(self, name: str, request: Request):
         """Stop serving `name` on every replica (requests already running finish)."""
         self._admin(request)
@@ -272,7 +312,7 @@ class Ingress:
 
     # ---------------------------------------------------------------- classify
     @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_none=True,
-              responses=error_responses(400, 401, 404, 409, 413, 422))
+              responses=error_responses(400, 401, 404, 409, 413, 422, 500, 503))
     async def classify(self, body: ClassifyRequest, request: Request, response: Response):
         self._auth(request)
         self._count(len(body.inputs), "inputs")
@@ -335,14 +375,14 @@ class Ingress:
         return StreamingResponse(lines(), media_type="text/event-stream", background=BackgroundTask(gen.cancel))
 
     @api.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
-              responses={**error_responses(400, 401, 404, 409, 413, 422), **STREAM})
+              responses={**error_responses(400, 401, 404, 409, 413, 422, 500, 503), **STREAM})
     async def completions(self, body: CompletionRequest, request: Request):
         self._auth(request)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         self._count(len(prompts), "prompts")
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
-        params = self._params(body, body.max_tokens)
+        params = self._params(body, self._max_tokens(body.max_tokens))
         if body.stream:
             def chunk(i, text, finish):
                 if text is None:
@@ -362,12 +402,12 @@ class Ingress:
         return {**meta, "choices": choices, "usage": self._usage(results)}
 
     @api.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={**error_responses(400, 401, 404, 409, 413, 422), **STREAM})
+              responses={**error_responses(400, 401, 404, 409, 413, 422, 500, 503), **STREAM})
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._auth(request)
         self._count(len(body.messages), "messages")
         messages = [m.model_dump() for m in body.messages]
-        params = self._params(body, body.max_completion_tokens or body.max_tokens or 16)
+        params = self._params(body, self._max_tokens(body.max_completion_tokens or body.max_tokens or 16))
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body.model}
         if body.stream:
             def chunk(i, text, finish):

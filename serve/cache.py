@@ -51,6 +51,14 @@ class AdapterCache:
         """An adapter the engine loaded at start."""
         self.resident[name] = {"ref": ref, "version": _version(ref, self.tracking_uri), "bytes": weight_bytes(folder)}
 
+    def trim(self) -> None:
+        """At start-up (nothing is running yet): the adapters loaded last that do not fit the bounds go."""
+        while len(self.resident) > self.max_adapters or (self.bytes > self.max_bytes and len(self.resident) > 1):
+            victim = next(reversed(self.resident))
+            self.resident.pop(victim)
+            self.engine.remove_adapter(victim)
+            self._count("evictions")
+
     @property
     def bytes(self) -> int:
         return sum(e["bytes"] for e in self.resident.values())
@@ -66,12 +74,19 @@ class AdapterCache:
             self.unpin(name)
 
     async def pin(self, name: str) -> None:
+        """Hold `name` (loaded first if registered). Only a resident adapter is counted: names a client
+        made up (the engine answers 404) leave no state behind."""
         self.start()
         await self.ensure(name)
-        self.pins[name] = self.pins.get(name, 0) + 1
+        if name in self.resident:
+            self.pins[name] = self.pins.get(name, 0) + 1
 
     def unpin(self, name: str) -> None:
-        self.pins[name] -= 1
+        left = self.pins.get(name, 0) - 1
+        if left > 0:
+            self.pins[name] = left
+        else:
+            self.pins.pop(name, None)
 
     async def ensure(self, name: str) -> None:
         if name in self.resident:

@@ -78,6 +78,7 @@ class ServeSpec(StrictModel):
     max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body accepted (413 beyond).")
     max_inputs: int = Field(256, gt=0, description="Inputs (classify) or prompts (completions) per request (413 beyond).")
     max_prompt_tokens: int = Field(2048, gt=0, description="Tokens of one formatted prompt (413 beyond).")
+    max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a completion may ask for (413 beyond).")
     samples: list[str] = Field(
         default_factory=list, description="Inputs sent to the deployment by `adapterflow run`."
     )
@@ -98,4 +99,4 @@ class ServeSpec(StrictModel):
 
     def limits(self) -> dict:
         return {"max_body_bytes": self.max_body_bytes, "max_inputs": self.max_inputs,
-                "max_prompt_tokens": self.max_prompt_tokens}
+                "max_prompt_tokens": self.max_prompt_tokens, "max_tokens": self.max_tokens}

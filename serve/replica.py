@@ -47,6 +47,7 @@ class ModelServer:
                                   metrics=self.metrics, **sv.cache())
         for name, folder in self.engine.folders.items():
             self.cache.adopt(name, first[name], folder)
+        self.cache.trim()  # within serve.max_adapter_bytes from the start; the rest load on demand
         self.batcher = Batcher(self.engine.classify_batch, sv.max_batch_size, sv.batch_wait_timeout_s,
                                on_batch=self.metrics.batch)
         self.replica = _replica_id()
@@ -100,7 +101,8 @@ class ModelServer:
         try:
             await self._hold(adapter)
             try:
-                if self.engine.monte_carlo_samples(adapter, samples):  # sampled forwards: on their own
+                if self.engine.monte_carlo_samples(adapter, samples) or self.engine.draws_at_inference(adapter):
+                    # random forwards: on their own, seeded by the request
                     results = await asyncio.to_thread(self.engine.classify, adapter, inputs, samples=samples, seed=seed)
                 else:
                     results = await self.batcher.submit((adapter, inputs))

@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 class ErrorDetail(BaseModel):
     type: str = Field(..., description="adapter_not_found, wrong_task, invalid_request, unauthorized, "
-                      "request_too_large, adapter_integrity, forbidden or internal_error")
+                      "request_too_large, adapter_integrity, forbidden, overloaded or internal_error")
     message: str
+    param: str | None = Field(None, description="The request field at fault, when one is.")
     code: int = Field(..., description="The HTTP status.")
 
 
@@ -24,7 +25,8 @@ def error_responses(*codes: int) -> dict:
     what = {400: "The request does not fit the adapter (wrong task, missing template field, ...).",
             401: "Missing or wrong API key.", 403: "Refused whoever asks (admin routes off, a folder outside "
             "the allow-listed roots).", 404: "Unknown adapter.", 409: "The adapter does not fit this replica.",
-            413: "Over a request limit (body bytes, inputs, prompt tokens).", 422: "Malformed request."}
+            413: "Over a request limit (body bytes, inputs, prompt tokens, max_tokens).", 422: "Malformed request.",
+            500: "The request failed on the server.", 503: "The model replicas are at their queue limit; retry."}
     return {c: {"model": ErrorBody, "description": what[c]} for c in codes}
 
 

@@ -246,3 +246,24 @@ def test_import_register_pins_the_adapter_in_the_registry(tiny_llama, tmp_path):
         assert r.exit_code == 2 and "--alias needs --register" in r.stderr
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_saved_embeddings_must_fit_the_vocabulary(tiny_llama, tmp_path):
+    """A stock-PEFT LoRA trained with two added tokens (its embedding saved in full): without its
+    tokenizer beside it, the import says why it cannot fit; with the tokenizer, it imports."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.add_tokens(["<tool>", "</tool>"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.resize_token_embeddings(len(tok))
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
+                        modules_to_save=["embed_tokens"])
+    get_peft_model(model, config).save_pretrained(str(tmp_path / "added"))
+    with pytest.raises(AdapterIntegrityError, match="rows but the base's vocabulary has"):
+        import_adapter(tmp_path / "added", {"name": str(tiny_llama)}, task="causal-lm")
+    assert not (tmp_path / "added" / "adapterflow.json").exists()
+    tok.save_pretrained(str(tmp_path / "added"))
+    folder, manifest = import_adapter(tmp_path / "added", {"name": str(tiny_llama)}, task="causal-lm")
+    assert manifest["method"] == "lora" and (folder / "adapterflow.json").is_file()

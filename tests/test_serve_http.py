@@ -341,3 +341,70 @@ def test_concurrent_completions_over_http_equal_each_alone(server):
     rows = after["decode_rows"] - before["decode_rows"]
     forwards = after["decode_forwards"] - before["decode_forwards"]
     assert rows > 3 * forwards, (rows, forwards)  # rows shared forwards
+
+
+def test_a_prompt_past_the_models_positions_answers_413(server):
+    """stories260K has 512 positions: a prompt plus max_tokens beyond them is refused before decoding."""
+    headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"}
+    r = httpx.post(f"{server}/lm/v1/completions", json={"model": "story", "prompt": "Once upon a time",
+                                                         "max_tokens": 510}, headers=headers, timeout=60)
+    assert r.status_code == 413 and "model's 512 positions" in r.json()["error"]["message"], r.text
+    ok = httpx.post(f"{server}/lm/v1/completions", json={"model": "story", "prompt": "Once upon a time",
+                                                          "max_tokens": 2}, headers=headers, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+def _drawing_copy(folder, dst):
+    """The PVeRA adapter set to draw at inference (PEFT's sample_at_inference only changes inference),
+    with its own manifest."""
+    import json
+    import shutil
+
+    from workers.artifact import MANIFEST, write_manifest
+
+    shutil.copytree(folder, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**config, "sample_at_inference": True}))
+    manifest = json.loads((dst / MANIFEST).read_text())
+    (dst / MANIFEST).unlink()
+    keep = {k: manifest[k] for k in ("adapter", "input_template", "max_length")}
+    keep["adapter"] = {**keep["adapter"], "sample_at_inference": True}
+    write_manifest(dst, method=manifest["method"], model=manifest["model"], base_sha256=manifest["base_model"]["sha256"],
+                   extra=keep)
+    return dst
+
+
+def test_pvera_draws_are_seeded_per_request_under_concurrency(adapters, server, serve_port, tmp_path):
+    """Concurrent PVeRA requests, Monte-Carlo ones and plain ones of an adapter that draws at inference:
+    each answer equals the same request sent alone (its own seed), and different seeds differ."""
+    import asyncio
+
+    from serve.deploy import deploy, shutdown
+
+    spec, folder = adapters["unc"]
+    url = deploy({"draw": str(_drawing_copy(folder, tmp_path / "draw"))}, port=serve_port, name="draw",
+                 route_prefix="/draw", num_cpus=0.25, base=spec.model.model_dump(mode="json"))
+    texts = ["good great lovely movie", "bad awful dull plot"]
+    bodies = [("unc", {"adapter": "unc", "inputs": texts, "samples": 8, "seed": s}) for s in range(6)]
+    bodies += [("draw", {"adapter": "draw", "inputs": texts, "seed": s}) for s in range(6)]
+    targets = {"unc": f"{server}/unc/v1/classify", "draw": f"{url}/v1/classify"}
+    try:
+        alone = [httpx.post(targets[app], json=b, timeout=120).json()["results"] for app, b in bodies]
+
+        async def together():
+            async with httpx.AsyncClient(timeout=120) as client:
+                return await asyncio.gather(*(client.post(targets[app], json=b) for app, b in bodies * 2))
+
+        responses = asyncio.run(together())
+    finally:
+        shutdown("draw")
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    for r, want in zip(responses, alone * 2):
+        for got, ref in zip(r.json()["results"], want):
+            assert got["probabilities"] == pytest.approx(ref["probabilities"], abs=1e-6)
+            if "monte_carlo" in ref:
+                assert got["monte_carlo"]["mean"] == pytest.approx(ref["monte_carlo"]["mean"], abs=1e-6)
+    draws = [a[0]["probabilities"]["positive"] for a in alone[6:]]
+    assert max(draws) - min(draws) > 1e-4, draws  # the plain forwards really draw
+    mc = [a[0]["monte_carlo"]["mean"]["positive"] for a in alone[:6]]
+    assert max(mc) - min(mc) > 1e-5, mc

@@ -144,11 +144,41 @@ def import_adapter(folder: str | Path, base: dict, task: str | None = None,
     return dst, manifest
 
 
+EMBEDDINGS = ("embed_tokens", "word_embeddings", "lm_head", "wte", "embed_out")
+
+
+def _check_vocabulary(folder: Path, vocab_size: int | None) -> None:
+    """Saved embedding rows (a trained or resized embedding, `modules_to_save`) fit the vocabulary the
+    adapter will be used with: the base's, or the tokenizer saved beside the adapter (added tokens)."""
+    from safetensors import safe_open
+
+    f = folder / "adapter_model.safetensors"
+    if not f.is_file() or not vocab_size:
+        return
+    own = (folder / "tokenizer_config.json").is_file()
+    if own:
+        from transformers import AutoTokenizer
+
+        vocab_size = len(AutoTokenizer.from_pretrained(str(folder)))
+    with safe_open(str(f), framework="pt") as fh:
+        for key in fh.keys():
+            if key.endswith(".weight") and any(e in key.split(".") for e in EMBEDDINGS):
+                rows = fh.get_slice(key).get_shape()[0]
+                if (rows < vocab_size) if own else (rows != vocab_size):
+                    where = "the tokenizer saved with it" if own else "the base's vocabulary"
+                    raise AdapterIntegrityError(
+                        f"{folder}: {key} has {rows} rows but {where} has {vocab_size} tokens; an adapter trained "
+                        "with added tokens needs its tokenizer saved beside it (tokenizer.save_pretrained), and "
+                        "one trained on another model does not fit this base")
+
+
 def _check_fit(method, model: ModelSpec, folder: Path) -> None:
-    """The adapter loads onto the operator's base with every saved weight used and every shape right."""
+    """The adapter loads onto the operator's base with every saved weight used and every shape right,
+    and its saved embeddings fit the vocabulary."""
     from workers.models import load_model, load_tokenizer
 
     base = load_model(model, load_tokenizer(model))
+    _check_vocabulary(folder, getattr(base.config, "vocab_size", None))
     try:
         loaded = method.load(base, folder)
     except (RuntimeError, ValueError, KeyError) as exc:

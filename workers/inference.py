@@ -3,6 +3,7 @@ any number of adapters loaded by name, classification and text completion."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -222,17 +223,38 @@ class Engine:
         return {"probabilities": {id2label[i]: p for i, p in enumerate(row)}, "label": id2label[best],
                 "label_id": best}
 
-    def classify_batch(self, requests: list[tuple[str, list]], max_rows: int = 64) -> list:
+    def draws_at_inference(self, name: str) -> bool:
+        """Whether a plain forward of adapter `name` is a random draw (PVeRA with sample_at_inference):
+        such a request runs alone, seeded, so its answer is the same alone or among others."""
+        manifest = self.adapters.get(name)
+        spec = manifest_spec(manifest) if manifest is not None else None
+        return spec is not None and method_for_manifest(manifest).draws_at_inference(spec)
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int | None):
+        """The forwards inside draw from torch's generator seeded with `seed` (restored afterwards)."""
+        if seed is None:
+            yield
+            return
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    def classify_batch(self, requests: list[tuple[str, list]], max_rows: int = 64, seed: int | None = None) -> list:
         """Many classify requests in as few forwards as their methods allow: adapters whose method
         declares `shares_forward` share one forward (PEFT's `adapter_names`), any other adapter gets
         forwards of its own. Per request, its results, or the user error it raised (a bad request
-        never fails the others)."""
+        never fails the others). With `seed`, the forwards' random draws (an adapter that draws at
+        inference) come from torch's generator seeded with it."""
         import torch
 
         out: list = [None] * len(requests)
         groups: dict[tuple, list] = {}
         labels: dict[int, dict] = {}
-        with self._lock:  # names resolve to model-level ones and stay loaded until the forwards are done
+        # names resolve to model-level ones and stay loaded until the forwards are done
+        with self._lock, self._seeded(seed):
             for i, (name, inputs) in enumerate(requests):
                 try:
                     manifest = self._check(name, "seq-cls")
@@ -278,7 +300,7 @@ class Engine:
         import torch
 
         if not self.monte_carlo_samples(name, samples):
-            result = self.classify_batch([(name, inputs)])[0]
+            result = self.classify_batch([(name, inputs)], seed=seed if self.draws_at_inference(name) else None)[0]
             if isinstance(result, Exception):
                 raise result
             return result

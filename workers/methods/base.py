@@ -110,13 +110,19 @@ class AdapterMethod:
         return get_peft_model(model, self.peft_config(spec, task))
 
     def load(self, base, folder: Path, adapter_name: str = "default"):
-        """A saved adapter on `base`."""
+        """A saved adapter on `base` (grown first when the adapter was saved with added tokens)."""
         from peft import PeftModel
 
+        from workers.methods.tokens import grow_base
+
+        grow_base(base, folder)
         return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
 
     def add(self, model, folder: Path, adapter_name: str) -> None:
         """One more saved adapter on a model that already holds some of this replica group."""
+        from workers.methods.tokens import grow_base
+
+        grow_base(model.get_base_model(), folder)
         model.load_adapter(str(folder), adapter_name=adapter_name)
 
     def unload(self, model, adapter_name: str) -> None:

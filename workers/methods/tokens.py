@@ -1,7 +1,21 @@
 """Adding special tokens to a model and its tokenizer: shared by the methods that train new
-token rows (aLoRA, SpaRTA)."""
+token rows (aLoRA, SpaRTA), and growing a base for an adapter saved with added tokens."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+
+def grow_base(base, folder: Path) -> None:
+    """An adapter that added tokens saved its tokenizer beside it: grow the base's embeddings to fit
+    (the adapter's saved embedding rows fill the new ones)."""
+    if not (Path(folder) / "tokenizer_config.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(str(folder)))
+    if base.get_input_embeddings().weight.shape[0] < n:
+        base.resize_token_embeddings(n, mean_resizing=False)
 
 
 def add_new_tokens(model, tokenizer, tokens: list[str]) -> list[int]:

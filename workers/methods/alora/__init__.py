@@ -16,6 +16,7 @@ from workers.errors import SpecError
 from workers.methods import register_method
 from workers.methods.alora.spec import ALoraSpec
 from workers.methods.base import AdapterMethod, peft_fields
+from workers.methods.tokens import grow_base
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +35,6 @@ def invocation_tokens(tokenizer, spec: ALoraSpec, prompt_example: str | None = N
                 "a newline so it tokenizes identically.", spec.invocation_string, ids, ctx[-len(ids) - 2:],
             )
     return ids
-
-
-def _grow_base(base, folder: Path) -> None:
-    """An adapter that added tokens saved its tokenizer: grow the base's embeddings to fit."""
-    if not (folder / "tokenizer_config.json").is_file():
-        return
-    from transformers import AutoTokenizer
-
-    n = len(AutoTokenizer.from_pretrained(str(folder)))
-    if base.get_input_embeddings().weight.shape[0] < n:
-        base.resize_token_embeddings(n, mean_resizing=False)  # the adapter restores the new rows
 
 
 class ALoraMethod(AdapterMethod):
@@ -112,11 +102,11 @@ class ALoraMethod(AdapterMethod):
     def load(self, base, folder: Path, adapter_name: str = "default"):
         from peft import PeftModel
 
-        _grow_base(base, folder)
+        grow_base(base, folder)
         return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
 
     def add(self, model, folder: Path, adapter_name: str) -> None:
-        _grow_base(model.get_base_model(), folder)
+        grow_base(model.get_base_model(), folder)
         model.load_adapter(str(folder), adapter_name=adapter_name)
 
 
