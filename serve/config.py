@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from workers.common import StrictModel
@@ -43,6 +45,11 @@ class ServeSpec(StrictModel):
         0.5, gt=0, description="CPUs per replica (fractional so serving and training coexist)."
     )
     threads: int = Field(1, gt=0, description="torch threads per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (Ray resource; fractional GPUs share one).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where a model replica puts the base and its adapters: auto = cuda when num_gpus > 0, "
+        "else cpu. The dtype is the model section's (model.dtype).",
+    )
     max_ongoing_requests: int = Field(
         64, gt=0, description="Requests a replica accepts at once (Ray Serve's default, 5, would cap every batch at 5)."
     )
@@ -82,6 +89,15 @@ class ServeSpec(StrictModel):
     samples: list[str] = Field(
         default_factory=list, description="Inputs sent to the deployment by `adapterflow run`."
     )
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if self.num_gpus > 0 else "cpu"
+        return self.device
+
+    def actor_options(self) -> dict:
+        """A model replica's Ray resources."""
+        return {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {})}
 
     def autoscaling_options(self) -> dict:
         """A model deployment's replica options: a fixed count, or the autoscaler's config."""

@@ -11,9 +11,10 @@ from serve.app import Ingress
 from serve.replica import ModelServer
 
 
-def build_engine(adapters: dict[str, str], base: dict | None, tracking_uri: str | None = None, threads: int = 1):
-    """What a replica holds: the operator's base with the adapters loaded (each resolved, verified and
-    checked against that base)."""
+def build_engine(adapters: dict[str, str], base: dict | None, tracking_uri: str | None = None, threads: int = 1,
+                 device: str = "cpu"):
+    """What a replica holds: the operator's base (on `device`) with the adapters loaded (each resolved,
+    verified and checked against that base)."""
     from workers.errors import SpecError
     from workers.inference import Engine
     from workers.store import resolve
@@ -24,7 +25,7 @@ def build_engine(adapters: dict[str, str], base: dict | None, tracking_uri: str 
     base = base or operator_base(adapters, tracking_uri)
     resolved = {name: resolve(ref, tracking_uri=tracking_uri) for name, ref in adapters.items()}
     first_folder, first = next(iter(resolved.values()))
-    engine = Engine(serving_spec(first, base, first_folder), threads=threads)
+    engine = Engine(serving_spec(first, base, first_folder), threads=threads, device=device)
     for name, (folder, manifest) in resolved.items():
         engine.add_adapter(name, folder, manifest)
     return engine
@@ -103,7 +104,7 @@ def build_app(adapters: dict[str, str], *, base: dict | None = None, tracking_ur
     for group in dict.fromkeys(groups.values()):  # in the adapters' order: the first group takes the base's requests
         mine = {n: ref for n, ref in adapters.items() if groups[n] == group}
         models[group] = ModelServer.options(
-            name=model_deployment_name(group), ray_actor_options={"num_cpus": sv.num_cpus},
+            name=model_deployment_name(group), ray_actor_options=sv.actor_options(),
             max_ongoing_requests=sv.max_ongoing_requests, **sv.autoscaling_options(),
         ).bind(mine, base, tracking_uri, options, group)
     return Ingress.options(

@@ -35,7 +35,7 @@ class ModelServer:
         sv = ServeSpec.model_validate(options)
         self.group = group
         first = dict(list(adapters.items())[: sv.max_adapters])  # the rest load on demand
-        self.engine = build_engine(first, base, tracking_uri, sv.threads)
+        self.engine = build_engine(first, base, tracking_uri, sv.threads, sv.resolved_device())
         self.engine.max_prompt_tokens = sv.max_prompt_tokens
         self.engine.max_decode_rows = sv.max_batch_size
         self.engine.prefixes.max_conversations = sv.max_conversations

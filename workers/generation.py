@@ -173,6 +173,8 @@ class Decoder:
             kwargs["alora_offsets"] = [r.offset if prefill or r.offset is None else 1 for r in rows]
         if rows[0].draws:  # a lane of one request: its draws follow its seed and the step
             torch.manual_seed(((rows[0].seed or 0) * 1_000_003 + len(rows[0].out)) % (2**63))
+        device = self.engine.device  # ids, masks and positions are built on the CPU
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         with context:
             out = model(**inputs, **kwargs, use_cache=True)
         if "adapter_names" in kwargs:
@@ -266,7 +268,9 @@ class Decoder:
 
     # ---------------------------------------------------------------- tokens out
     def _advance(self, lane: Lane, rows: list[Row], logits, first: int) -> None:
-        """Each row's next token; finished rows leave the lane."""
+        """Each row's next token; finished rows leave the lane. Sampling runs on the CPU, where each
+        request's torch.Generator lives."""
+        logits = logits.float().cpu()
         done = []
         for j, row in enumerate(rows):
             token = _sample(logits[j], row)

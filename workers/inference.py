@@ -25,7 +25,7 @@ __all__ = ["Engine", "WrongTaskError"]
 
 
 class Engine:
-    def __init__(self, model_spec: ModelSpec | dict, threads: int | None = None):
+    def __init__(self, model_spec: ModelSpec | dict, threads: int | None = None, device: str = "cpu"):
         import torch
 
         from workers.models import base_fingerprint, load_model, load_tokenizer
@@ -33,8 +33,9 @@ class Engine:
         if threads:
             torch.set_num_threads(threads)
         self.spec = model_spec if isinstance(model_spec, ModelSpec) else ModelSpec.model_validate(model_spec)
+        self.device = torch.device(device)  # the operator's: serve.device (a GPU replica: cuda)
         self.tokenizer = load_tokenizer(self.spec)
-        self.base = load_model(self.spec, self.tokenizer)
+        self.base = load_model(self.spec, self.tokenizer).to(self.device)
         self.base.eval()
         self.base_sha256 = base_fingerprint(self.spec)
         self.model = None  # the PeftModel once an adapter is loaded
@@ -104,6 +105,7 @@ class Engine:
                 self.model = method.load(self.base, folder, adapter_name=inner)
             else:
                 method.add(self.model, folder, inner)
+            self.model.to(self.device)  # the adapter's weights where the base is
             self.model.eval()
             self._methods[inner] = method
             with self._uses_lock:
@@ -281,7 +283,7 @@ class Engine:
                     else:
                         self.model.set_adapter(names[0])
                     enc = tok([t for _, _, t in chunk], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt")
+                              return_tensors="pt").to(self.device)
                     with torch.no_grad():
                         probs = torch.softmax(self.model(**enc, **kwargs).logits.float(), -1)
                     self.stats["forwards"] += 1
@@ -310,7 +312,7 @@ class Engine:
             texts = self._texts(name, manifest, inputs)
             id2label = {int(k): v for k, v in manifest["model"]["id2label"].items()}
             enc = self.tokenizers.get(name, self.tokenizer)(texts, padding=True, truncation=True,
-                                 max_length=manifest.get("max_length", 512), return_tensors="pt")
+                                 max_length=manifest.get("max_length", 512), return_tensors="pt").to(self.device)
             with torch.no_grad():
                 probs = torch.softmax(self.model(**enc).logits.float(), -1)
             mc = None
@@ -446,7 +448,7 @@ class Engine:
             from workers.montecarlo import mc_outputs, token_logprobs
 
             manifest = self.adapters[name]
-            full = torch.tensor([row.ids + row.out])
+            full = torch.tensor([row.ids + row.out], device=self.device)
             n_prompt = len(row.ids)
             with self._lock:
                 self.model.set_adapter(self.peft(name))
