@@ -76,6 +76,7 @@ class ModelServer:
     async def _hold(self, name: str) -> None:
         await self.cache.pin(name)
         self._push_routing()
+        self.metrics.adapters(len(self.engine.adapters), [])  # a gauge stays fresh while requests come
 
     # ---------------------------------------------------------------- what the ingress asks
     def health(self) -> dict:

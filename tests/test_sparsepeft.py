@@ -115,11 +115,14 @@ def test_merge_and_check_sparsity_commands(trained, sparse_base, tmp_path):
 
     runner = CliRunner()
     spec, folder = trained["sparsepeft"]
-    r = runner.invoke(app, ["merge", str(folder), "-o", str(tmp_path / "sp")], catch_exceptions=False)
+    r = runner.invoke(app, ["merge", str(folder), "--base", spec.model.name, "-o", str(tmp_path / "sp")],
+                      catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "sp" / "merge_report.json").read_text())["nonzeros_added"] == 0
     lspec, lfolder = trained["lora"]
-    r = runner.invoke(app, ["merge", str(lfolder), "-o", str(tmp_path / "lora")], catch_exceptions=False)
+    r = runner.invoke(app, ["merge", str(lfolder), "--base", lspec.model.name, "-o", str(tmp_path / "lora")],
+                      catch_exceptions=False)
+    assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "lora" / "merge_report.json").read_text())["nonzeros_added"] > 1000
     base, sp, lo = sparsity_of(sparse_base), sparsity_of(tmp_path / "sp"), sparsity_of(tmp_path / "lora")
     assert sp["total"]["zeros"] >= base["total"]["zeros"] - 64  # only the new seq-cls head differs
