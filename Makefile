@@ -42,7 +42,7 @@ demo: setup
 
 # every tier: lint, the import layers, then the whole suite (unit, ray and slow tests)
 test: setup $(TEST_STAMP) lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # the tier that needs no Ray instance (seconds)
 test-unit: setup $(TEST_STAMP) lint

@@ -110,6 +110,80 @@ def train(spec: Path, set_: SetOpt = None,
     console.print(f"adapter: {res.adapter_dir}")
 
 
+@app.command(name="tune")
+def tune_(spec: Path, set_: SetOpt = None,
+          resume: Annotated[bool, typer.Option(help="Resume the spec's search where its driver stopped (finished "
+                                               "trials are not run again).")] = False,
+          json_out: Annotated[Optional[Path], typer.Option("--json", help="Write a search summary here.")] = None,
+          ) -> None:
+    """Run the spec's `tune:` search on Ray Tune: trials selected on a held-out slice of the training data, a
+    parent MLflow run with a child run per trial and plots, the winner evaluated and registered."""
+    _quiet()
+    from pipelines.search import run_search
+
+    s, data = _load(spec, set_)
+    if s.tune is None:
+        fail(f"{spec}: the spec has no tune: section to search; add tune.space (see docs/user-guide.md, Searches)")
+    res = run_search(s, data, console, resume=resume)
+    console.print(f"adapter: {res.adapter_dir}")
+    if json_out:
+        summary = {"run_id": res.run_id, "counts": res.counts, "best": res.best and {
+            "trial": res.best["trial"], "config": res.best["config"],
+            "metrics": {k: v for k, v in res.best["metrics"].items() if isinstance(v, (int, float))}},
+            "evaluation": {k: v for k, v in res.report.items() if isinstance(v, (int, float))},
+            "registered": res.registration and res.registration.model_uri, "plots": res.plots,
+            "trials": [{"trial": t["trial"], "status": t["status"], "config": t["config"], "error": t.get("error")}
+                       for t in res.trials]}
+        json_out.write_text(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def dashboards(spec: Annotated[Optional[Path], typer.Argument(help="A spec (its workspace); default .adapterflow.")] = None,
+               set_: SetOpt = None,
+               start: Annotated[bool, typer.Option(help="Start the MLflow UI (and TensorBoard, if installed) on "
+                                                  "loopback until Ctrl-C.")] = False,
+               port: Annotated[int, typer.Option(help="The MLflow UI's port (TensorBoard takes the next).")] = 5000,
+               ) -> None:
+    """Where to watch runs and searches: the MLflow UI on the workspace's store, TensorBoard on the searches'
+    trial event files, and the Ray dashboard while Ray runs."""
+    import shutil
+    import subprocess
+    import sys
+
+    if spec is not None:
+        s, _ = _load(spec, set_)
+        workspace, uri = s.workspace_path(), None
+        from pipelines.tracking import tracking_uri
+
+        uri = tracking_uri(s)
+    else:
+        workspace = (Path.cwd() / ".adapterflow").resolve()
+        uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    artifacts = workspace / "mlartifacts"
+    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root",
+                  artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port)]
+    tensorboard = shutil.which("tensorboard")
+    tb_cmd = [tensorboard or "tensorboard", "--logdir", str(workspace / "tune"), "--host", "127.0.0.1",
+              "--port", str(port + 1)]
+    console.print(f"MLflow UI:   {' '.join(mlflow_cmd)}\n             http://127.0.0.1:{port}")
+    console.print(f"TensorBoard: {' '.join(tb_cmd)}" + ("" if tensorboard else "   (pip install tensorboard first)"))
+    console.print("Ray:         the dashboard URL `adapterflow run/train/tune` prints while Ray runs "
+                  "(http://127.0.0.1:8265 for a local instance)")
+    if not start:
+        return
+    procs = [subprocess.Popen(mlflow_cmd)]
+    if tensorboard:
+        procs.append(subprocess.Popen(tb_cmd))
+    try:
+        for proc in procs:
+            proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in procs:
+            proc.terminate()
+
+
 @app.command()
 def run(spec: Path, set_: SetOpt = None,
         keep_serving: Annotated[bool, typer.Option(help="Keep the deployment up until Ctrl-C.")] = False,

@@ -39,19 +39,36 @@ def _type(annotation) -> str:
 
 def _default(field) -> str:
     if field.default_factory is not None:
-        return f"`{json.dumps(field.default_factory())}`"
+        value = field.default_factory()
+        return f"`{json.dumps(value.model_dump(mode='json') if isinstance(value, BaseModel) else value)}`"
     if field.default is PydanticUndefined:
         return "**required**"
     return f"`{json.dumps(field.default)}`"
 
 
+def _model_of(annotation) -> type[BaseModel] | None:
+    """The config section a field holds: a model, or an optional one (`X | None`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
+
+
 def _table(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    nested = []
     for name, field in model.model_fields.items():
         if name in skip:
             continue
         text = (field.description or "").replace("|", "\\|").replace("\n", " ")
         rows.append(f"| `{prefix}{name}` | {_type(field.annotation)} | {_default(field)} | {text} |")
+        inner = _model_of(field.annotation)
+        if inner is not None:
+            nested.append((f"{prefix}{name}.", inner))
+    for sub, inner in nested:  # a section inside a section: its keys below
+        rows += ["", f"`{sub}*`:", ""] + _table(inner, sub)
     return rows
 
 
@@ -60,16 +77,16 @@ def markdown() -> str:
     from workers.methods import methods
 
     out = [HEADER, "## Top level", ""]
-    sections = {n: f for n, f in PipelineSpec.model_fields.items()
-                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+    sections = {n: f for n, f in PipelineSpec.model_fields.items() if n != "adapter" and _model_of(f.annotation)}
     top = [n for n in PipelineSpec.model_fields if n not in sections and n != "adapter"]
     out += _table(PipelineSpec, "", skip=tuple(n for n in PipelineSpec.model_fields if n not in top))
     for name, field in sections.items():
         out += ["", f"## `{name}`", ""]
-        doc = (field.annotation.__doc__ or "").strip()
+        model = _model_of(field.annotation)
+        doc = (model.__doc__ or "").strip()
         if doc and not doc.startswith(("A config section", "Usage docs")):
             out += [doc, ""]
-        out += _table(field.annotation, f"{name}.")
+        out += _table(model, f"{name}.")
     out += ["", "## `adapter`", "",
             "`adapter.method` picks the method; each method has its own keys. Methods registered by plugins "
             "(`plugins:`) add their own sections at run time.", ""]

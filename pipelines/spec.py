@@ -15,7 +15,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from serve.config import ServeSpec
-from workers.common import StrictModel
+from tune.config import TuneSpec
+from workers.common import StrictModel, set_key_path
 from workers.config import (
     PLUGINS_DESCRIPTION,
     AdapterSpec,
@@ -71,6 +72,7 @@ class PipelineSpec(StrictModel):
     track: TrackSpec = Field(default_factory=TrackSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
     sparsify: SparsifySpec = Field(default_factory=SparsifySpec)
+    tune: TuneSpec | None = Field(None, description="What `adapterflow tune SPEC` searches (null: no search).")
     version: Literal[1] = Field(1, description="Spec format version.")
 
     @model_validator(mode="before")
@@ -86,7 +88,37 @@ class PipelineSpec(StrictModel):
             check_sections(self.model, self.adapter, self.train)
         except SpecError as exc:
             raise ValueError(str(exc)) from None
+        if self.tune is not None:
+            self._check_search()
         return self
+
+    def _check_search(self) -> None:
+        """Every search-space key path names a key of this spec, and every value it can take (each
+        listed value, a range's bounds) makes a valid spec; ASHA needs single-process trials."""
+        t = self.tune
+        if t.scheduler == "asha" and self.train.num_workers > 0:
+            raise ValueError(
+                "tune.scheduler: asha stops trials early, which needs single-process trials: set "
+                "train.num_workers: 0 (ASHA stopping a trial that runs Ray Train workers hangs on Ray 2.60, "
+                "ray-project/ray#54305), or use scheduler: fifo")
+        base = self.model_dump(mode="json", exclude={"tune"})
+        for path, dist in t.space.items():
+            top = path.split(".")[0]
+            if top not in SEARCHABLE:
+                raise ValueError(f"tune.space.{path}: only keys under {', '.join(SEARCHABLE)} can be searched")
+            node = base
+            for part in path.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise ValueError(f"tune.space.{path}: not a key of this spec ({_allowed_at(base, path)})")
+                node = node[part]
+            for value in dist.candidates():
+                trial = json.loads(json.dumps(base))
+                set_key_path(trial, path, value)
+                try:
+                    PipelineSpec.model_validate(trial)
+                except ValidationError as err:
+                    why = "; ".join(format_errors(err, trial))
+                    raise ValueError(f"tune.space.{path}: the value {value!r} does not make a valid spec: {why}") from None
 
     def with_absolute_paths(self, base: Path | None = None) -> PipelineSpec:
         """Local model and data paths made absolute, so Ray workers (other cwd) find them."""
@@ -109,6 +141,19 @@ class PipelineSpec(StrictModel):
 
     def workspace_path(self) -> Path:
         return Path(self.workspace).expanduser().resolve()
+
+
+SEARCHABLE = ("model", "data", "adapter", "train", "sparsify")
+
+
+def _allowed_at(data: dict, path: str) -> str:
+    """The keys that do exist where `path` stops matching."""
+    node = data
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            break
+        node = node[part]
+    return f"keys here: {', '.join(sorted(node))}" if isinstance(node, dict) else "it is not a mapping"
 
 
 # ---------------------------------------------------------------- errors that name the key path
@@ -161,7 +206,10 @@ def format_errors(err: ValidationError, data: dict | None = None) -> list[str]:
         elif kind == "union_tag_not_found":
             lines.append(f"{path}.method: required key is missing")
         elif kind == "value_error":
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            if path.startswith("tune.") and not msg.startswith("tune."):  # a distribution's own check
+                msg = f"{path}: {msg}"
+            lines.append(msg)
         else:
             lines.append(f"{path}: {e['msg']}, got {got!r}")
     return lines
@@ -193,8 +241,7 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise SpecError(f"--set {assignment!r}: expected KEY.PATH=VALUE, e.g. --set train.lr=1e-4")
     key, raw = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
+    if not [p for p in key.strip().split(".") if p]:
         raise SpecError(f"--set {assignment!r}: empty key path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -202,15 +249,10 @@ def apply_override(data: dict, assignment: str) -> None:
             value = raw.strip()  # N:M, not YAML 1.1's base-60 integer
     except yaml.YAMLError as exc:
         raise SpecError(f"--set {key}: value {raw!r} is not valid YAML: {exc}") from None
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise SpecError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
-        node = child
-    node[parts[-1]] = value
+    try:
+        set_key_path(data, key, value)
+    except ValueError as exc:
+        raise SpecError(f"--set {key}: {exc}") from None
 
 
 def load_spec_dict(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:

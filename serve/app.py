@@ -163,6 +163,8 @@ class Ingress:
         self.registry = registry(sv.app_name)
         self.max_new_tokens = sv.max_new_tokens
         self._base_names: set[str] = set()
+        # with one replica per group there is nothing to choose: requests skip the router's adapter matching
+        self.affine = sv.num_replicas > 1 or sv.autoscaling is not None
 
     # ---------------------------------------------------------------- keys and limits
     def _auth(self, request: Request) -> None:
@@ -208,7 +210,7 @@ class Ingress:
 
     async def _call(self, group: str, method: str, *args, model: str | None = None):
         handle = self.models[group]
-        if model is not None:
+        if model is not None and self.affine:
             handle = handle.options(multiplexed_model_id=model)
         try:
             return await getattr(handle, method).remote(*args)
@@ -220,8 +222,13 @@ class Ingress:
         return [await self._call(g, method, *args) for g in self.models]
 
     # ---------------------------------------------------------------- health, models, stats
-    @api.get("/healthz", response_model=Health, responses=error_responses(500, 503))
-    async def healthz(self):
+    @api.get("/healthz", response_model=Health, response_model_exclude_none=True,
+             responses=error_responses(500, 503))
+    async def healthz(self, replicas: bool = False):
+        """The ingress is up (cheap: a probe's route). With `replicas=true`, one model replica of each
+        group answers too, with the adapters it holds."""
+        if not replicas:
+            return {"status": "ok"}
         states = await self._each("health")
         adapters = sorted({a for s in states for a in s["adapters"]})
         return {"status": "ok", "adapters": adapters, "replica": states[0]["replica"],
@@ -338,7 +345,7 @@ class Ingress:
         """Server-sent events: `chunk(index, text, finish)` per piece, a usage chunk if asked, [DONE].
         Errors before the first piece (unknown adapter, a limit) answer with their status as usual."""
         group = await self._group(model)
-        handle = self.models[group].options(multiplexed_model_id=model, stream=True)
+        handle = self.models[group].options(stream=True, **({"multiplexed_model_id": model} if self.affine else {}))
         gen = handle.stream.remote(model, prompts, params, messages)
         try:
             head = await gen.__anext__()

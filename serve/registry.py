@@ -82,7 +82,7 @@ def allowed(ref: str, roots: list[str]) -> bool:
         return bool(REGISTRY_REF.match(ref))
     try:
         path = Path(ref).expanduser().resolve()
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the path
         return False
     return any(path == Path(r).expanduser().resolve() or Path(r).expanduser().resolve() in path.parents
                for r in roots)

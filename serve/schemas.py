@@ -177,10 +177,12 @@ class GroupHealth(BaseModel):
 
 class Health(BaseModel):
     status: str
-    adapters: list[str] = Field(..., description="The adapters the answering model replicas hold now.")
-    replica: str | None = Field(None, description="The id of the model replica that answered (the first group's).")
-    groups: dict[str, GroupHealth] = Field(default_factory=dict, description="Replica group -> the model replica "
-                                           "that answered for it and its adapters.")
+    adapters: list[str] | None = Field(None, description="With replicas=true: the adapters the answering model "
+                                       "replicas hold now.")
+    replica: str | None = Field(None, description="With replicas=true: the id of the model replica that answered "
+                                "(the first group's).")
+    groups: dict[str, GroupHealth] | None = Field(None, description="With replicas=true: replica group -> the model "
+                                                  "replica that answered for it and its adapters.")
 
 
 class Stats(BaseModel):

@@ -71,9 +71,10 @@ def reference_model(spec, adapter_dir):
 
 
 def test_healthz_and_models(server):
-    r = httpx.get(f"{server}/cls/healthz")
+    r = httpx.get(f"{server}/cls/healthz?replicas=true")
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["adapters"] == ["toy"]
-    assert r.json()["replica"]
+    assert r.json()["replica"] and r.json()["groups"] == {"lora": {"replica": r.json()["replica"], "adapters": ["toy"]}}
+    assert httpx.get(f"{server}/cls/healthz").json() == {"status": "ok"}  # the probe's route asks no replica
     m = httpx.get(f"{server}/cls/v1/models").json()
     assert m["data"][0]["id"] == "toy" and m["data"][0]["task"] == "seq-cls" and m["data"][0]["method"] == "lora"
 
@@ -196,7 +197,7 @@ def test_serve_command_serves_an_adapter_folder(adapters, server, ray_session):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                r = httpx.get(f"{server}/healthz", timeout=5)
+                r = httpx.get(f"{server}/healthz?replicas=true", timeout=5)
                 if r.status_code == 200 and r.json().get("adapters") == ["folder-toy", "twin"]:
                     break
             except httpx.HTTPError:

@@ -38,20 +38,22 @@ def apps(trained_adapters, serve_port, ray_session):
 
 @pytest.mark.parametrize("app", ["cls", "lm"])
 def test_no_input_gives_a_server_error_and_responses_conform(apps, app):
-    """Every operation of the app's schema, 30 generated requests each (bounded): a classifier app, and a
-    language-model app with the admin routes on (requests carry the admin key half of the time)."""
+    """Every operation of the app's schema, 30 generated requests each (15 on the language model; bounded): a
+    classifier app, and a language-model app with the admin routes on (requests carry the admin key half of
+    the time)."""
     api = schemathesis.openapi.from_url(f"{apps[app]}/openapi.json")
     operations = [result.ok() for result in api.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/classify", "/v1/completions", "/v1/models", "/healthz"}
     seen = []
     for op in operations:
 
-        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=30 if app == "cls" else 15, deadline=None, suppress_health_check=list(HealthCheck),
+                  database=None)
         @given(case=op.as_strategy())
         def check(case):
             if isinstance(case.body, dict) and case.body.get("stream"):
                 case.body["stream"] = False  # streaming is tested on its own (test_serve_http)
-            if app == "lm" and len(seen) % 2:
+            if app == "lm" and len(seen) % 2 and case.method != "DELETE":  # (never unload the app's adapter)
                 case.headers = {**(case.headers or {}), "Authorization": f"Bearer {os.environ[ADMIN_KEY_ENV]}"}
             response = case.call(timeout=60)
             seen.append(response.status_code)

@@ -273,7 +273,7 @@ def test_admin_routes_load_only_registry_references_and_allow_listed_folders(tmp
         assert allowed(ref, roots), ref
     for ref in ("runs:/0123abcd/adapter", "mlflow-artifacts:/1/abc/artifacts/adapter", "models:/m-0123abcd",
                 "models:/sentiment", "s3://bucket/adapter", str(tmp_path / "outside"),
-                str(root / ".." / "outside"), str(root / "link")):
+                str(root / ".." / "outside"), str(root / "link"), f"{root}/a\x00"):  # (a NUL byte: found by fuzzing)
         assert not allowed(ref, roots), ref
     assert not allowed(str(root / "a"), [])  # no roots: registry references only
     assert allowed("models:/sentiment@champion", [])

@@ -42,6 +42,23 @@ def quiet_environment() -> dict[str, str]:
     return {k: os.environ[k] for k in (*QUIET_ENV, *FORWARDED_ENV) if k in os.environ}
 
 
+def set_key_path(data: dict, key: str, value) -> None:
+    """Set `a.b.c` in nested mappings in place, making the missing ones; raises ValueError naming
+    the part of the path that is not a mapping."""
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ValueError("empty key path")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"{'.'.join(parts[: i + 1])} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
 def hash_file_into(h, path: str | Path) -> None:
     """Feed a file's bytes to a running hash, 4 MiB at a time."""
     with open(path, "rb") as fh:

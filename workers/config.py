@@ -82,6 +82,11 @@ class DataSpec(StrictModel):
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Held-out fraction of train used when no eval split exists."
     )
+    holdout_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Seeded share of the training split set aside before anything else and "
+        "never trained on: searches (`tune:`) select trials on it, never on the evaluation split.",
+    )
+    holdout_seed: int = Field(0, description="Seed of the held-out slice (independent of train.seed).")
     text_field: str = Field("sentence", description="Field holding the text (seq-cls).")
     label_field: str = Field("label", description="Field holding the class (seq-cls).")
     input_template: str | None = Field(

@@ -95,19 +95,38 @@ def load_split(spec: DataSpec, split: str) -> list[dict] | None:
     return None
 
 
-def load_train_eval(spec: DataSpec, seed: int) -> tuple[list[dict], list[dict]]:
+def _split_off(records: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(rest, slice): a seeded `fraction` of `records` (at least one) taken out, order kept."""
+    rng = random.Random(seed)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    held = set(order[: max(1, int(len(records) * fraction))])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def _train_records(spec: DataSpec) -> tuple[list[dict], list[dict]]:
+    """(training records, held-out selection slice): `data.holdout_fraction` comes off first."""
     train = load_split(spec, spec.train_split)
     if not train:
         raise DataError(f"data.path {spec.path!r}: split {spec.train_split!r} is missing or empty")
+    if spec.holdout_fraction > 0:
+        return _split_off(train, spec.holdout_fraction, spec.holdout_seed)
+    return train, []
+
+
+def load_holdout(spec: DataSpec) -> list[dict]:
+    """The held-out selection slice of the training split (`data.holdout_fraction`), never trained on."""
+    held = _train_records(spec)[1]
+    if not held:
+        raise DataError("data.holdout_fraction is 0: there is no held-out slice to select on")
+    return held
+
+
+def load_train_eval(spec: DataSpec, seed: int) -> tuple[list[dict], list[dict]]:
+    train, _ = _train_records(spec)
     evals = load_split(spec, spec.eval_split) if spec.eval_split else None
     if evals is None and spec.eval_fraction > 0:
-        rng = random.Random(seed)
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        n_eval = max(1, int(len(train) * spec.eval_fraction))
-        held = set(order[:n_eval])
-        evals = [train[i] for i in sorted(held)]
-        train = [r for i, r in enumerate(train) if i not in held]
+        train, evals = _split_off(train, spec.eval_fraction, seed)
     if spec.max_train_examples:
         train = train[: spec.max_train_examples]
     evals = evals or []

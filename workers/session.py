@@ -3,7 +3,9 @@ in a Tune trial or in a plain process (a test).
 
 A session has the worker's `rank` and `world` size, `report(metrics, checkpoint_dir)` (called by
 every rank at each checkpoint with the directory it wrote; the last report carries the adapter),
-and `checkpoint()`: a context giving the directory of the checkpoint to resume from, or None.
+`checkpoint()`: a context giving the directory of the checkpoint to resume from, or None, and
+`score(model, tokenizer)`: metrics of the model being trained added to every report (a search's
+held-out evaluation; none by default).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ class TrainSession:
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Path | None]:
         yield None
+
+    def score(self, model, tokenizer) -> dict:
+        """Metrics of `model` at a checkpoint, reported with it (called on rank 0 only)."""
+        return {}
 
 
 class RayTrainSession(TrainSession):

@@ -179,18 +179,19 @@ def build_artifact(spec, checkpoint: Path, dst: Path) -> Path:
     return dst
 
 
-def evaluate_artifact(spec, adapter_dir: Path, threads: int | None = None) -> dict:
-    """Evaluate a saved adapter on the spec's eval split with the same code a replica runs."""
+def evaluate_artifact(spec, adapter_dir: Path, threads: int | None = None, *, holdout: bool = False) -> dict:
+    """Evaluate a saved adapter on the spec's eval split (or, with `holdout`, on the held-out selection
+    slice of its training split) with the same code a replica runs."""
     import torch
 
-    from workers.data import encode, load_train_eval
+    from workers.data import encode, load_holdout, load_train_eval
     from workers.evaluate import evaluate_model
     from workers.methods import method_of
     from workers.models import adapter_tokenizer, load_model, load_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
-    _, evals = load_train_eval(spec.data, spec.train.seed)
+    evals = load_holdout(spec.data) if holdout else load_train_eval(spec.data, spec.train.seed)[1]
     if not evals:
         raise DataError(
             f"data: no evaluation split {spec.data.eval_split!r} in {spec.data.path!r}; set "
@@ -202,7 +203,7 @@ def evaluate_artifact(spec, adapter_dir: Path, threads: int | None = None) -> di
     examples = encode(evals, spec.data, spec.model, tok)
     num_labels = len(spec.model.labels()) if spec.model.task == "seq-cls" else None
     report = evaluate_model(model, tok, examples, spec.model.task, num_labels)
-    report["split"] = spec.data.eval_split if spec.data.eval_split else "held-out"
+    report["split"] = "selection" if holdout else spec.data.eval_split if spec.data.eval_split else "held-out"
     samples = method.monte_carlo_samples(spec.adapter)
     if samples:  # Monte-Carlo evaluation: mean and 95 % interval of every output
         from workers.montecarlo import mc_report

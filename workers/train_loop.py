@@ -295,6 +295,10 @@ def _train(config: dict, spec, session) -> None:
                     metrics["resumed_from_step"] = resumed_from
                 if rank == 0:
                     (tmpdir / HISTORY_FILE).write_text(json.dumps(history))
+                    scores = session.score(engine.module, tok)
+                    if scores:  # evaluated the model being trained: back to training mode
+                        metrics.update(scores)
+                        engine.train()
                 session.report(metrics, tmpdir)
     tracker.close()
 

@@ -1,0 +1,176 @@
+"""Driver-side Tune callbacks of a search: a child MLflow run per trial (the driver is the only
+writer, so SQLite holds), and a live table of the trials in the terminal."""
+
+from __future__ import annotations
+
+import time
+
+from ray.tune import Callback
+
+CHILD_TAG = "adapterflow.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def _scalars(result: dict) -> dict:
+    skip = {"step", "total_steps", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
+            "time_since_restore", "iterations_since_restore", "pid", "done", "resumed_from_step"}
+    return {k: float(v) for k, v in result.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
+
+
+class TrialRuns(Callback):
+    """Every trial is a child run of the search's parent run: its sampled values as params, each
+    report's metrics at its step, and how it ended (finished, stopped early by the scheduler, failed
+    with its error). Restored with a resumed search, it finds the child runs it made before."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str):
+        self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
+        self.runs: dict[str, str] = {}
+        self.last: dict[str, dict] = {}
+        self._client = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            for run in self._client.search_runs([self.experiment_id],
+                                                f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"):
+                if CHILD_TAG in run.data.tags:
+                    self.runs[run.data.tags[CHILD_TAG]] = run.info.run_id
+        return self._client
+
+    def _run(self, trial) -> str:
+        client = self.client
+        if trial.trial_id not in self.runs:
+            run = client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}",
+                                    tags={PARENT_TAG: self.parent_run_id, CHILD_TAG: trial.trial_id})
+            self.runs[trial.trial_id] = run.info.run_id
+            client.log_batch(run.info.run_id, params=_params(trial.config))
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        run_id = self._run(trial)
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        ts = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in _scalars(result).items()])
+        self.last[trial.trial_id] = dict(result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        last = self.last.get(trial.trial_id) or trial.last_result or {}
+        early = last.get("step") is not None and last.get("step") < last.get("total_steps", 0)
+        self.client.set_tag(run_id, "adapterflow.trial_status", "stopped early" if early else "finished")
+        self.client.set_terminated(run_id, "KILLED" if early else "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        self.client.set_tag(run_id, "adapterflow.trial_status", "failed")
+        self.client.set_tag(run_id, "adapterflow.error", trial_error(trial)[:5000])
+        self.client.set_terminated(run_id, "FAILED")
+
+
+def _params(config: dict):
+    import json
+
+    from mlflow.entities import Param
+
+    return [Param(k, json.dumps(v) if isinstance(v, (list, dict, bool, type(None))) else str(v))
+            for k, v in config.items()]
+
+
+def trial_error(trial) -> str:
+    """The last line of a failed trial's error (the exception), else what Tune recorded."""
+    text = ""
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        if path:
+            with open(path) as fh:
+                text = fh.read()
+    except OSError:
+        text = ""
+    text = text or str(getattr(trial, "error_msg", "") or "failed")
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "failed"
+
+
+class Progress(Callback):
+    """The trials as a live table: status, step, training loss and the held-out metric; the best so far."""
+
+    def __init__(self, console, metric: str, mode: str, total: int | None):
+        self.console, self.metric, self.mode, self.total = console, metric, mode, total
+        self.rows: dict[str, dict] = {}
+        self.status: dict[str, str] = {}
+        self._live = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_live": None, "console": None}
+
+    def setup(self, **info):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = self.console or Console()
+        self._live = Live(self._table(), console=self.console, refresh_per_second=2, transient=False)
+        self._live.start()
+
+    def _table(self):
+        from rich.table import Table
+
+        counts = {s: list(self.status.values()).count(s) for s in ("running", "finished", "stopped", "failed")}
+        best = self.best()
+        title = (f"trials: {counts['finished']} finished, {counts['stopped']} stopped early, {counts['failed']} "
+                 f"failed, {counts['running']} running" + (f" of {self.total}" if self.total else ""))
+        caption = f"best so far: {self.metric} {best[1]:.4f} (trial {best[0]})" if best else None
+        table = Table(title=title, caption=caption)
+        for col in ("trial", "status", "step", "loss", self.metric):
+            table.add_column(col, justify="right" if col != "status" else "left")
+        for tid, r in list(self.rows.items())[-12:]:
+            m = r.get(self.metric)
+            table.add_row(tid, self.status.get(tid, ""), f"{r.get('step', '')}/{r.get('total_steps', '')}",
+                          f"{r['loss']:.4f}" if "loss" in r else "", f"{m:.4f}" if m is not None else "")
+        return table
+
+    def best(self):
+        scored = [(t, r[self.metric]) for t, r in self.rows.items() if self.metric in r]
+        if not scored:
+            return None
+        return (max if self.mode == "max" else min)(scored, key=lambda x: x[1])
+
+    def _update(self):
+        if self._live is not None:
+            self._live.update(self._table())
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.status[trial.trial_id] = "running"
+        self.rows.setdefault(trial.trial_id, {})
+        self._update()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.rows[trial.trial_id] = dict(result)
+        self._update()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = self.rows.get(trial.trial_id, {})
+        early = r.get("step") is not None and r.get("step") < r.get("total_steps", 0)
+        self.status[trial.trial_id] = "stopped" if early else "finished"
+        self._update()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.status[trial.trial_id] = "failed"
+        self._update()
+
+    def on_experiment_end(self, trials, **info):
+        if self._live is not None:
+            self._update()
+            self._live.stop()
+            self._live = None

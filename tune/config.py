@@ -1,0 +1,144 @@
+"""The `tune` section of a pipeline spec: what `adapterflow tune SPEC` searches and how.
+
+A search space maps spec key paths to distributions:
+
+    tune:
+      space:
+        train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+        adapter.r: {choice: [4, 8, 16]}
+        adapter.target_modules: {choice: [[query, value], [query, key, value]]}
+
+Every trial trains the spec with its sampled values and is scored on a held-out slice of the
+training split (`tune.selection_fraction`), never on the evaluation split, which only the winner
+is evaluated on. No torch here: validating a spec stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from workers.common import StrictModel
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+DISTRIBUTIONS_HELP = ("one of {choice: [v, ...]}, {grid: [v, ...]}, {uniform: [lo, hi]}, "
+                      "{loguniform: [lo, hi]}, {randint: [lo, hi]} (hi excluded)")
+
+
+class Distribution(StrictModel):
+    """One key's distribution: exactly one of the fields."""
+
+    choice: list[Any] | None = Field(None, description="Sample one of these values.")
+    grid: list[Any] | None = Field(None, description="Try every value (a grid axis; num_samples repeats the grid).")
+    uniform: tuple[float, float] | None = Field(None, description="A float in [lo, hi].")
+    loguniform: tuple[float, float] | None = Field(None, description="A float in [lo, hi], uniform in log space.")
+    randint: tuple[int, int] | None = Field(None, description="An integer in [lo, hi).")
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in DISTRIBUTIONS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a distribution is {DISTRIBUTIONS_HELP}; got {', '.join(given) or 'none'}")
+        kind = given[0]
+        if kind in ("choice", "grid") and not getattr(self, kind):
+            raise ValueError(f"{kind}: needs at least one value")
+        if kind in ("uniform", "loguniform", "randint"):
+            lo, hi = getattr(self, kind)
+            if not lo < hi:
+                raise ValueError(f"{kind}: [lo, hi] needs lo < hi, got [{lo}, {hi}]")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform: bounds must be > 0, got [{lo}, {hi}]")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DISTRIBUTIONS if getattr(self, k) is not None)
+
+    def candidates(self) -> list[Any]:
+        """Values that stand for the distribution when a spec is checked: every listed value, or
+        the bounds of a range."""
+        kind = self.kind
+        if kind in ("choice", "grid"):
+            return list(getattr(self, kind))
+        lo, hi = getattr(self, kind)
+        return [lo, hi - 1] if kind == "randint" else [lo, hi]
+
+    def size(self) -> float:
+        """How many distinct values it can take (inf for a continuous range)."""
+        kind = self.kind
+        if kind in ("choice", "grid"):
+            return len(getattr(self, kind))
+        if kind == "randint":
+            return self.randint[1] - self.randint[0]
+        return math.inf
+
+
+class AshaSpec(StrictModel):
+    grace_period: int = Field(1, gt=0, description="Held-out evaluations every trial gets before it can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="Keep 1/reduction_factor of the trials at each rung.")
+    max_t: int = Field(100, gt=0, description="Evaluations after which a trial is stopped in any case.")
+
+
+class TuneSpec(StrictModel):
+    space: dict[str, Distribution] = Field(
+        default_factory=dict,
+        description="Spec key path -> distribution, " + DISTRIBUTIONS_HELP + ". Every trial trains the spec "
+        "with its sampled values.",
+    )
+    metric: str | None = Field(
+        None, description="Metric trials are selected on, measured on the held-out selection slice (default: "
+        "accuracy for seq-cls, eval_loss for causal-lm).",
+    )
+    mode: Literal["max", "min"] | None = Field(
+        None, description="Whether a larger metric is better (default: min for losses and perplexity, else max).",
+    )
+    selection_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Seeded share of the training split held out of every trial's training "
+        "and used to select; the evaluation split is used only for the winner.",
+    )
+    selection_seed: int = Field(0, description="Seed of the held-out selection slice (the same for every trial).")
+    num_samples: int = Field(8, gt=0, description="Trials to sample (with grid axes: repetitions of the grid).")
+    searcher: Literal["random", "optuna", "hyperopt"] = Field(
+        "random", description="How configurations are proposed: random (and grid axes), optuna (TPE) or hyperopt (TPE).",
+    )
+    scheduler: Literal["fifo", "asha"] = Field(
+        "fifo", description="fifo runs every trial to its end; asha stops trials whose held-out metric "
+        "trails at a rung (single-process trials only: train.num_workers: 0).",
+    )
+    asha: AshaSpec = Field(default_factory=AshaSpec, description="ASHA's rungs, in held-out evaluations.")
+    report_every: int | None = Field(
+        None, gt=0, description="Optimizer steps between a trial's held-out evaluations (ASHA's rungs); "
+        "default: the spec's train.checkpoint_every.",
+    )
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="Trials running at once (default: as many as the resources allow).",
+    )
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Stop starting and running trials after this many seconds; finished trials count.",
+    )
+    resources_per_trial: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description="Ray resources of a single-process trial (train.num_workers: 0). A trial that launches "
+        "Ray Train workers requests nothing itself: its workers hold train.resources_per_worker.",
+    )
+    seed: int = Field(0, description="Seeds the searcher's proposals.")
+    register_winner: bool = Field(
+        True, description="Register the winner; its alias moves only when it beats the holder (track.alias).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.searcher != "random" and any(d.kind == "grid" for d in self.space.values()):
+            raise ValueError(f"tune.space: grid axes need searcher: random; {self.searcher} proposes "
+                             "its own points (use choice instead)")
+        if self.searcher != "random" and not self.space:
+            raise ValueError(f"tune.searcher: {self.searcher} needs a non-empty tune.space")
+        return self
+
+    def selection(self, task: str) -> tuple[str, str]:
+        """(metric, mode) trials are selected on."""
+        metric = self.metric or ("accuracy" if task == "seq-cls" else "eval_loss")
+        mode = self.mode or ("min" if metric.endswith(("loss", "perplexity")) else "max")
+        return metric, mode
