@@ -53,9 +53,13 @@ def concurrent_trials(spec_json: dict, t: TuneSpec, cluster: dict) -> int:
 
 def build_tuner(spec_json: dict, t: TuneSpec, task: str, *, storage: Path, name: str, callbacks: list,
                 max_concurrent: int):
+    import os
+
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
 
+    # every held-out evaluation is a checkpoint: Tune's warning about frequent state snapshots is expected
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     metric, mode = reported_metric(t, task)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=trial_base(spec_json, t)),
                                     trial_resources(spec_json, t))
@@ -68,7 +72,7 @@ def build_tuner(spec_json: dict, t: TuneSpec, task: str, *, storage: Path, name:
                                trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks, verbose=0,
                              failure_config=FailureConfig(max_failures=0),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
 
 
