@@ -19,12 +19,12 @@ import logging
 import time
 import uuid
 
-from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
 from ray import serve
 from starlette.background import BackgroundTask
 
+from serve.http_api import STREAM, api, replica_error
 from serve.schemas import (
     AdapterDeleted,
     AdapterEntry,
@@ -42,102 +42,15 @@ from serve.schemas import (
     error_responses,
 )
 from workers.errors import (
-    AdapterflowError,
     AdapterIntegrityError,
     AuthError,
     ForbiddenError,
     RequestError,
     RequestTooLargeError,
     UnknownAdapterError,
-    UserError,
-    WrongTaskError,
 )
 
 log = logging.getLogger(__name__)
-
-api = FastAPI(title="adapterflow", version="0.1.0")
-
-ERROR_TYPES = {UnknownAdapterError: "adapter_not_found", WrongTaskError: "wrong_task", AuthError: "unauthorized",
-               RequestError: "invalid_request", AdapterIntegrityError: "adapter_integrity",
-               RequestTooLargeError: "request_too_large", ForbiddenError: "forbidden"}
-# a 200 may also be a stream of server-sent events (`stream: true`)
-STREAM = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                "description": "The response; with stream: true, server-sent events of chunks, then [DONE]."}}
-# the ingress's request limits (one deployment per replica process; set by Ingress from its ServeSpec)
-LIMITS = {"max_body_bytes": 1_048_576, "max_inputs": 256, "max_prompt_tokens": 2048, "max_tokens": 1024}
-
-
-def error(status: int, kind: str, message: str, param: str | None = None) -> JSONResponse:
-    """The one error shape (OpenAI's): {"error": {"type", "message", "param", "code"}}."""
-    return JSONResponse(status_code=status, content={"error": {"type": kind, "message": message, "param": param,
-                                                               "code": status}})
-
-
-@api.exception_handler(AdapterflowError)
-async def _platform_error(request: Request, exc: AdapterflowError):
-    kind = next((name for cls, name in ERROR_TYPES.items() if isinstance(exc, cls)),
-                "invalid_request" if isinstance(exc, UserError) else "internal_error")
-    if not isinstance(exc, UserError):
-        log.error("request failed: %s", exc)
-    return error(exc.http_status, kind, str(exc))
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception):
-    """Anything else is still JSON in the same shape: a model replica that is overloaded is a 503 (retry
-    later), one that failed or went away a 500; the message never carries a remote traceback."""
-    from ray.serve.exceptions import BackPressureError
-
-    exc = _cause(exc)
-    if isinstance(exc, AdapterflowError):
-        return await _platform_error(request, exc)
-    if isinstance(exc, BackPressureError):
-        return error(503, "overloaded", "the model replicas are at their queue limit; retry shortly")
-    log.error("request failed: %s: %s", type(exc).__name__, exc)
-    return error(500, "internal_error", f"the request failed on the server ({type(exc).__name__}); it was logged")
-
-
-def _too_large(size: str) -> JSONResponse:
-    return error(413, "request_too_large", f"the request body has {size} bytes, over this server's limit of "
-                 f"{LIMITS['max_body_bytes']} (serve.max_body_bytes)")
-
-
-@api.middleware("http")
-async def _body_limit(request: Request, call_next):
-    """Bodies over serve.max_body_bytes are refused, also those sent in chunks (no content-length),
-    which are read only up to the limit."""
-    limit, length = LIMITS["max_body_bytes"], request.headers.get("content-length", "")
-    if length.isdigit():
-        if int(length) > limit:
-            return _too_large(length)
-    elif request.method in ("POST", "PUT", "PATCH"):
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                return _too_large(f"more than {limit}")
-        request._body = bytes(body)  # what the route reads
-    return await call_next(request)
-
-
-@api.exception_handler(RequestValidationError)
-async def _malformed(request: Request, exc: RequestValidationError):
-    parts, params = [], []
-    for e in exc.errors():
-        loc = ".".join(str(x) for x in e["loc"] if x != "body")
-        parts.append(f"{loc or 'body'}: {e['msg']}")
-        params.append(loc)
-    return error(422, "invalid_request", "; ".join(parts), params[0] if len(params) == 1 and params[0] else None)
-
-
-def _cause(exc: BaseException) -> BaseException:
-    """The error a model replica raised, out of Ray's wrapper (which carries the remote traceback)."""
-    from ray.exceptions import RayTaskError
-
-    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
-        exc = exc.cause
-    return exc
-
 
 @serve.deployment
 @serve.ingress(api)
@@ -146,7 +59,7 @@ class Ingress:
     handle, `groups` each adapter name to its group (the app's registry keeps both as adapters come and go)."""
 
     def __init__(self, models: dict, groups: dict[str, str], tracking_uri: str | None, options: dict):
-        from serve import app as module  # the class travels by value: the module's own globals
+        from serve import http_api as module  # the class travels by value: the limits' own module
         from serve.config import ServeSpec
         from serve.deploy import secret
         from serve.registry import registry
@@ -186,7 +99,7 @@ class Ingress:
 
     @staticmethod
     def _count(n: int, what: str) -> None:
-        from serve.app import LIMITS
+        from serve.http_api import LIMITS
 
         if n > LIMITS["max_inputs"]:
             raise RequestTooLargeError(f"{n} {what} in one request, over this server's limit of "
@@ -194,7 +107,7 @@ class Ingress:
 
     @staticmethod
     def _max_tokens(n: int) -> int:
-        from serve.app import LIMITS
+        from serve.http_api import LIMITS
 
         if n > LIMITS["max_tokens"]:
             raise RequestTooLargeError(f"max_tokens {n} is over this server's limit of {LIMITS['max_tokens']} "
@@ -215,7 +128,7 @@ class Ingress:
         try:
             return await getattr(handle, method).remote(*args)
         except Exception as exc:  # noqa: BLE001 - re-raised as the replica's own error
-            raise _cause(exc) from None
+            raise replica_error(exc) from None
 
     async def _each(self, method: str, *args) -> list:
         """`method` on one replica of every group."""
@@ -350,7 +263,7 @@ class Ingress:
         try:
             head = await gen.__anext__()
         except Exception as exc:  # noqa: BLE001 - the replica's own error, with its status
-            raise _cause(exc) from None
+            raise replica_error(exc) from None
         n = head["rows"]
 
         async def lines():
@@ -374,7 +287,7 @@ class Ingress:
                     yield f"data: {json.dumps({**chunk(0, '', None), 'choices': [], 'usage': self._usage(ends)})}\n\n"
                 yield "data: [DONE]\n\n"
             except Exception as exc:  # noqa: BLE001 - a replica lost mid-stream: the client hears it
-                err = {"type": "internal_error", "message": str(_cause(exc)), "code": 500}
+                err = {"type": "internal_error", "message": str(replica_error(exc)), "code": 500}
                 yield f"data: {json.dumps({'error': err})}\n\n"
             finally:
                 gen.cancel()
