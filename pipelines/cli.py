@@ -124,7 +124,13 @@ def tune_(spec: Path, set_: SetOpt = None,
     s, data = _load(spec, set_)
     if s.tune is None:
         fail(f"{spec}: the spec has no tune: section to search; add tune.space (see docs/user-guide.md, Searches)")
-    res = run_search(s, data, console, resume=resume)
+    if s.tune.nls is not None:
+        from pipelines.nls_search import run_nls_search
+
+        res = run_nls_search(s, data, console, resume=resume)
+        console.print(f"Pareto front: {res.pareto_csv} and {res.pareto_png}")
+    else:
+        res = run_search(s, data, console, resume=resume)
     console.print(f"adapter: {res.adapter_dir}")
     if json_out:
         summary = {"run_id": res.run_id, "counts": res.counts, "best": res.best and {
@@ -134,6 +140,12 @@ def tune_(spec: Path, set_: SetOpt = None,
             "registered": res.registration and res.registration.model_uri, "plots": res.plots,
             "trials": [{"trial": t["trial"], "status": t["status"], "config": t["config"], "error": t.get("error")}
                        for t in res.trials]}
+        if s.tune.nls is not None:
+            summary.update(chosen=res.chosen, front=[r for r in res.rows if r["on_front"]],
+                           pareto_csv=str(res.pareto_csv), pareto_png=str(res.pareto_png),
+                           super_adapter=str(res.super_adapter), super_adapter_run_id=res.super_run_id,
+                           references={k: {m: v for m, v in rep.items() if isinstance(v, (int, float))}
+                                       for k, rep in res.references.items()})
         json_out.write_text(json.dumps(summary, indent=2, default=str))
 
 

@@ -106,8 +106,9 @@ def trial_error(trial) -> str:
 class Progress(Callback):
     """The trials as a live table: status, step, training loss and the held-out metric; the best so far."""
 
-    def __init__(self, console, metric: str, mode: str, total: int | None):
+    def __init__(self, console, metric: str, mode: str, total: int | None, columns: tuple[str, ...] = ("step", "loss")):
         self.console, self.metric, self.mode, self.total = console, metric, mode, total
+        self.columns = columns  # what a row shows before the metric: training progress, or e.g. ranks and size
         self.rows: dict[str, dict] = {}
         self.status: dict[str, str] = {}
         self._live = None
@@ -132,13 +133,22 @@ class Progress(Callback):
                  f"failed, {counts['running']} running" + (f" of {self.total}" if self.total else ""))
         caption = f"best so far: {self.metric} {best[1]:.4f} (trial {best[0]})" if best else None
         table = Table(title=title, caption=caption)
-        for col in ("trial", "status", "step", "loss", self.metric):
+        for col in ("trial", "status", *self.columns, self.metric):
             table.add_column(col, justify="right" if col != "status" else "left")
         for tid, r in list(self.rows.items())[-12:]:
             m = r.get(self.metric)
-            table.add_row(tid, self.status.get(tid, ""), f"{r.get('step', '')}/{r.get('total_steps', '')}",
-                          f"{r['loss']:.4f}" if "loss" in r else "", f"{m:.4f}" if m is not None else "")
+            table.add_row(tid, self.status.get(tid, ""), *(self._cell(c, r) for c in self.columns),
+                          f"{m:.4f}" if m is not None else "")
         return table
+
+    @staticmethod
+    def _cell(column: str, r: dict) -> str:
+        if column == "step":
+            return f"{r.get('step', '')}/{r.get('total_steps', '')}"
+        v = r.get(column)
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return " ".join(map(str, v)) if isinstance(v, list) else "" if v is None else str(v)
 
     def best(self):
         scored = [(t, r[self.metric]) for t, r in self.rows.items() if self.metric in r]

@@ -96,6 +96,15 @@ class PipelineSpec(StrictModel):
         """Every search-space key path names a key of this spec, and every value it can take (each
         listed value, a range's bounds) makes a valid spec; ASHA needs single-process trials."""
         t = self.tune
+        if t.nls is not None:
+            from workers.methods import method_of, methods
+
+            if t.nls.super_adapter is None and not method_of(self.adapter).subadapters:
+                able = ", ".join(sorted(n for n, m in methods().items() if m.subadapters))
+                raise ValueError(f"tune.nls: no super_adapter is given, so the spec's adapter is trained as one, but "
+                                 f"adapter.method {self.adapter.method} has no sub-adapters to search: use one that "
+                                 f"has ({able}) or set tune.nls.super_adapter")
+            return
         if t.scheduler == "asha" and self.train.num_workers > 0:
             raise ValueError(
                 "tune.scheduler: asha stops trials early, which needs single-process trials: set "

@@ -162,3 +162,35 @@ def test_bad_ranks_and_cli(super_adapter, tmp_path):
     assert manifest["method"] == "lora" and manifest["nls"]["ranks"] == [3, 3]
     bad = subprocess.run(cli + [str(tmp_path / "b"), "--version", "9,9"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not in its search space" in bad.stderr
+
+
+def test_a_saved_super_adapter_loads_elastic_and_each_configuration_is_its_subadapter(super_adapter, tmp_path):
+    """The saved files load as an elastic model (not plain LoRA at r_max): two rank configurations give
+    different outputs, each equal to its extracted sub-adapter in stock PEFT."""
+    from peft import PeftModel
+
+    from workers.methods import get_method
+
+    spec = super_adapter["spec"]
+    tok = load_tokenizer(spec.model)
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    elastic = get_method("nls").load(load_model(spec.model, tok), super_adapter["folder"]).eval()
+    assert list(elastic.nls_groups) == ["group 0", "group 1"]
+    outs = {}
+    for ranks in ([4, 2], [2, 3]):
+        set_ranks(elastic, ranks)
+        sub = tmp_path / "-".join(map(str, ranks))
+        extract_subadapter(super_adapter["folder"], sub, ranks)
+        stock = PeftModel.from_pretrained(load_model(spec.model, tok), str(sub)).eval()
+        with torch.no_grad():
+            outs[tuple(ranks)] = elastic(**enc).logits
+            assert torch.allclose(outs[tuple(ranks)], stock(**enc).logits, atol=1e-5), ranks
+    assert (outs[(4, 2)] - outs[(2, 3)]).abs().max() > 1e-4
+    set_ranks(elastic, None)  # r_max: the super-adapter's own outputs
+    with torch.no_grad():
+        full = elastic(**enc).logits
+    plain = PeftModel.from_pretrained(load_model(spec.model, tok), str(super_adapter["folder"])).eval()
+    with torch.no_grad():
+        assert torch.allclose(full, plain(**enc).logits, atol=1e-5)
+    with pytest.raises(SpecError, match="one rank per group"):
+        set_ranks(elastic, [4])

@@ -81,6 +81,24 @@ class AshaSpec(StrictModel):
     max_t: int = Field(100, gt=0, description="Evaluations after which a trial is stopped in any case.")
 
 
+class NlsSearchSpec(StrictModel):
+    """An NLS sub-adapter search: rank configurations of one trained super-adapter, evaluated only (no
+    training), on two objectives: the held-out metric and the sub-adapter's LoRA parameters."""
+
+    super_adapter: str | None = Field(
+        None, description="The trained NLS super-adapter: a folder, models:/NAME/N or models:/NAME@ALIAS. Null: "
+        "train the spec's NLS adapter first, with the selection slice held out of its training.",
+    )
+    grid: bool = Field(
+        False, description="Evaluate every rank configuration (the product of the groups' spaces) instead of "
+        "sampling tune.num_samples of them.",
+    )
+    max_drop: float = Field(
+        0.01, ge=0, description="The chosen sub-adapter: the smallest on the Pareto front whose held-out metric is "
+        "within max_drop of the best one's (0: the best, whatever its size).",
+    )
+
+
 class TuneSpec(StrictModel):
     space: dict[str, Distribution] = Field(
         default_factory=dict,
@@ -123,6 +141,12 @@ class TuneSpec(StrictModel):
         description="Ray resources of a single-process trial (train.num_workers: 0). A trial that launches "
         "Ray Train workers requests nothing itself: its workers hold train.resources_per_worker.",
     )
+    nls: NlsSearchSpec | None = Field(
+        None, description="Search the rank configurations of an NLS super-adapter instead of training trials "
+        "(its space is the super-adapter's elastic_adapter_config.json; SQFT's maximal, heuristic and minimal "
+        "configurations are always evaluated too). searcher: optuna is multi-objective TPE (metric vs LoRA "
+        "parameters); random samples; nls.grid tries every configuration.",
+    )
     seed: int = Field(0, description="Seeds the searcher's proposals.")
     register_winner: bool = Field(
         True, description="Register the winner; its alias moves only when it beats the holder (track.alias).",
@@ -130,6 +154,18 @@ class TuneSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.nls is not None:
+            if self.space:
+                raise ValueError("tune.space: an NLS search's space is the super-adapter's elastic_adapter_config.json; "
+                                 "remove tune.space (or tune.nls for a training search)")
+            if self.scheduler != "fifo":
+                raise ValueError("tune.scheduler: NLS trials are single evaluations, nothing to stop early; use fifo")
+            if self.searcher == "hyperopt":
+                raise ValueError("tune.searcher: hyperopt has one objective; an NLS search weighs the metric against "
+                                 "the sub-adapter's size: use optuna (multi-objective TPE) or random")
+            if self.nls.grid and self.searcher != "random":
+                raise ValueError("tune.nls.grid: every configuration is evaluated; set searcher: random (the default)")
+            return self
         if self.searcher != "random" and any(d.kind == "grid" for d in self.space.values()):
             raise ValueError(f"tune.space: grid axes need searcher: random; {self.searcher} proposes "
                              "its own points (use choice instead)")

@@ -172,6 +172,8 @@ def build_artifact(spec, checkpoint: Path, dst: Path) -> Path:
         model["num_labels"] = len(model["id2label"])
     extra = {"adapter": spec.adapter.model_dump(mode="json"),
              "input_template": input_template(spec.data), "max_length": spec.data.max_length}
+    if spec.data.holdout_fraction:  # the slice of the training split it never trained on
+        extra["holdout"] = {"fraction": spec.data.holdout_fraction, "seed": spec.data.holdout_seed}
     if spec.plugins:
         extra["plugins"] = list(spec.plugins)  # what a replica imports to know the method
     write_manifest(dst, method=spec.adapter.method, model=model, base_sha256=base_fingerprint(spec.model),

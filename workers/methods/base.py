@@ -173,3 +173,22 @@ class AdapterMethod:
         from workers.errors import WrongTaskError
 
         raise WrongTaskError(f"a {self.name} adapter has no sub-adapters to extract")
+
+    def subadapter_space(self, folder: Path) -> list[dict]:
+        """The groups a sub-adapter search picks one value for: [{"target": [...], "search_space": [...]}],
+        the first value of each space the largest (methods declaring `subadapters`)."""
+        from workers.errors import WrongTaskError
+
+        raise WrongTaskError(f"a {self.name} adapter has no sub-adapters to search")
+
+    def subadapter_references(self, groups: list[dict]) -> dict[str, list]:
+        """Named choices a sub-adapter search always evaluates (e.g. SQFT's maximal, heuristic, minimal)."""
+        return {}
+
+    def subadapter_params(self, folder: Path, choice: list) -> int:
+        """Trainable parameters of the sub-adapter `choice` (one value per group) would cut out."""
+        raise NotImplementedError(f"{self.name}: define subadapter_params")
+
+    def set_subadapter(self, model, choice: list | None) -> None:
+        """Run a loaded adapter (`load`) as its sub-adapter `choice` (None: the whole adapter)."""
+        raise NotImplementedError(f"{self.name}: define set_subadapter")

@@ -15,6 +15,7 @@ def lora_config(spec: LoraSpec, task: str, r: int | None = None):
         r=r or spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
         modules_to_save=spec.modules_to_save, bias=spec.bias, use_rslora=spec.use_rslora,
         init_lora_weights=spec.init_lora_weights, task_type=PEFT_TASK_TYPES[task],
+        rank_pattern=dict(spec.rank_pattern or {}), alpha_pattern=dict(spec.alpha_pattern or {}),
     )
 
 
@@ -34,7 +35,8 @@ class LoraMethod(AdapterMethod):
 
 # spec key -> the key PEFT saves in adapter_config.json
 LORA_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
-             "modules_to_save": "modules_to_save", "bias": "bias", "use_rslora": "use_rslora"}
+             "modules_to_save": "modules_to_save", "bias": "bias", "use_rslora": "use_rslora",
+             "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
 
 
 register_method(LoraMethod())

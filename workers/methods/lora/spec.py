@@ -22,5 +22,9 @@ class LoraSpec(MethodSpec):
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
     use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) instead of alpha/r.")
+    rank_pattern: dict[str, int] | None = Field(
+        None, description="Per-module ranks, PEFT's rank_pattern: module name (or regex) -> rank, overriding r.")
+    alpha_pattern: dict[str, float] | None = Field(
+        None, description="Per-module alphas, PEFT's alpha_pattern: module name (or regex) -> alpha, overriding alpha.")
     init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] = Field(
         True, description="PEFT's LoRA initialisation (true, gaussian, pissa, olora).")

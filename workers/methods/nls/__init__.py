@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from workers.errors import SpecError
 from workers.methods import register_method
 from workers.methods.base import AdapterMethod
 from workers.methods.lora import lora_config
@@ -49,6 +50,17 @@ class NlsMethod(AdapterMethod):
 
         return attach_elastic(model, self.peft_config(spec, task), spec)
 
+    def load(self, base, folder: Path, adapter_name: str = "default"):
+        """A super-adapter loads as an elastic model (`set_ranks` picks its ranks); a folder without the
+        elastic config loads as the LoRA it is."""
+        if not (Path(folder) / ELASTIC_FILE).is_file():
+            return super().load(base, folder, adapter_name)
+        from workers.methods.nls.layers import load_elastic
+        from workers.methods.tokens import grow_base
+
+        grow_base(base, folder)
+        return load_elastic(base, folder, adapter_name)
+
     def write_extra(self, spec: NlsSpec, directory: Path, model=None) -> None:
         from workers.methods.nls.extract import write_elastic_config
 
@@ -57,9 +69,38 @@ class NlsMethod(AdapterMethod):
     def extract_subadapter(self, folder: Path, manifest: dict, output: Path, version, source=None) -> dict:
         return extract_artifact(folder, manifest, output, version, source=source)
 
+    def subadapter_space(self, folder: Path) -> list[dict]:
+        import json
 
-def set_ranks(peft_model, ranks: dict[str, int] | None) -> None:
-    """Evaluate the super-adapter at chosen ranks per group (None = r_max everywhere)."""
+        efile = Path(folder) / ELASTIC_FILE
+        if not efile.is_file():
+            from workers.errors import AdapterIntegrityError
+
+            raise AdapterIntegrityError(f"{folder}: no {ELASTIC_FILE}; not an NLS super-adapter")
+        return json.loads(efile.read_text())
+
+    def subadapter_references(self, groups: list[dict]) -> dict[str, list]:
+        from workers.methods.nls.extract import choose_ranks
+
+        return {v: choose_ranks(groups, v) for v in VERSIONS}
+
+    def subadapter_params(self, folder: Path, choice: list) -> int:
+        from workers.methods.nls.extract import rank_costs
+
+        return sum(c * r for c, r in zip(rank_costs(folder, self.subadapter_space(folder)), choice))
+
+    def set_subadapter(self, model, choice: list | None) -> None:
+        set_ranks(model, choice)
+
+
+def set_ranks(peft_model, ranks: dict[str, int] | list[int] | None) -> None:
+    """Evaluate the super-adapter at chosen ranks per group: a mapping group -> rank, or a list in the
+    groups' order (the elastic config file's, for a loaded one); None = r_max everywhere."""
+    if ranks is not None and not isinstance(ranks, dict):
+        ranks = list(ranks)
+        if len(ranks) != len(peft_model.nls_groups):
+            raise SpecError(f"{len(ranks)} ranks given for {len(peft_model.nls_groups)} groups; give one rank per group")
+        ranks = dict(zip(peft_model.nls_groups, ranks))
     peft_model.nls_eval_ranks = dict(ranks) if ranks else None
 
 

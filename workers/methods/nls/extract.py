@@ -43,6 +43,23 @@ def write_elastic_config(spec, directory: Path) -> None:
     (Path(directory) / ELASTIC_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
+def rank_costs(folder: Path, groups: list[dict]) -> list[int]:
+    """LoRA parameters per unit of rank in each group: the (in + out) features of its layers, read from
+    the weights' shapes (A is r x in, B is out x r) without loading them."""
+    from safetensors import safe_open
+
+    costs = []
+    with safe_open(str(Path(folder) / "adapter_model.safetensors"), framework="pt") as fh:
+        for g in groups:
+            total = 0
+            for a_name in g["target"]:
+                module = a_name.rsplit(".lora_A", 1)[0]
+                total += fh.get_slice(f"{a_name}.weight").get_shape()[1]
+                total += fh.get_slice(f"{module}.lora_B.weight").get_shape()[0]
+            costs.append(total)
+    return costs
+
+
 def choose_ranks(groups: list[dict], version: str | list[int]) -> list[int]:
     if isinstance(version, str):
         if version not in VERSIONS:
@@ -90,7 +107,8 @@ def extract_subadapter(folder: Path, output: Path, version: str | list[int]) -> 
     config.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     (output / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     params = sum(t.numel() for k, t in out.items() if "lora_" in k)
-    return {"ranks": ranks, "groups": len(groups), "lora_params": params, "r_max": r_max}
+    return {"ranks": ranks, "groups": len(groups), "lora_params": params, "r_max": r_max,
+            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
 
 
 def extract_artifact(folder: Path, manifest: dict, output: Path, version: str | list[int],
@@ -100,7 +118,8 @@ def extract_artifact(folder: Path, manifest: dict, output: Path, version: str | 
     from workers.artifact import write_manifest
 
     summary = extract_subadapter(folder, output, version)
-    sub = {**manifest.get("adapter", {}), "method": "lora", "r": summary["r_max"]}
+    sub = {**manifest.get("adapter", {}), "method": "lora", "r": summary["r_max"],
+           "rank_pattern": summary["rank_pattern"], "alpha_pattern": summary["alpha_pattern"]}
     for k in ("search_space", "group_by", "seed"):
         sub.pop(k, None)
     write_manifest(Path(output), method="lora", model=manifest["model"], base_sha256=manifest["base_model"]["sha256"],

@@ -32,6 +32,9 @@ class NlsSpec(LoraSpec):
 
     @model_validator(mode="after")
     def _rank(self):
+        if self.rank_pattern or self.alpha_pattern:
+            raise ValueError("adapter.rank_pattern/alpha_pattern: an NLS super-adapter's ranks are drawn from "
+                             "search_space; remove them (a sub-adapter's patterns come from extract-subadapter)")
         if self.r is not None and self.r != self.search_space[0]:
             raise ValueError(f"adapter.r {self.r} must equal the largest rank of search_space "
                              f"({self.search_space[0]}); leave r out")
