@@ -57,7 +57,9 @@ def run_nls_search(spec: PipelineSpec, spec_dict: dict, console: Console, *, res
     resuming = resume and can_restore(path)
     parent = _parent_run(spec, spec_dict, experiment.experiment_id, resuming)
     console.print(f"[bold]MLflow[/] search run {parent} in {uri}")
-    ensure_ray(spec)
+    dashboard = ensure_ray(spec)
+    if dashboard:
+        console.print(f"[bold]Ray[/] dashboard: http://{dashboard}")
     status = "FAILED"
     timings = {}
     try:
