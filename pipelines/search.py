@@ -229,4 +229,4 @@ def _finish(spec: PipelineSpec, result: SearchResult, metric: str, mode: str, co
         result.registration = reg
         verdict = "[green]moved[/]" if reg.moved else "[yellow]stays[/]"
         console.print(f"registered {reg.name} version {reg.version}; @{reg.alias} {verdict}: {reg.reason}")
-    discard_sparse_bases(best["metrics"], spec.tune.keep_sparse_bases)
+    discard_sparse_bases(result.trials, best, spec.tune.keep_sparse_bases)

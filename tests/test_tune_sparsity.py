@@ -135,6 +135,8 @@ def test_a_wanda_sweep_trains_sparsepeft_on_each_trials_sparse_base(tiny_llama, 
     assert "metric_vs_sparsity.png" in artifacts
     assert sorted(round(r.data.metrics["base_sparsity"], 2) for r in children) == ratios
 
-    gone = discard_sparse_bases(res.best["metrics"], "winner")  # what keep_sparse_bases: winner does
+    earlier = root / "an-earlier-search-trial"  # a base another search of this name registered
+    earlier.mkdir()
+    gone = discard_sparse_bases(res.trials, res.best, "winner")  # what keep_sparse_bases: winner does
     assert [str(g) for g in gone] == [b for b in bases.values() if b != winner]
-    assert sorted(p.name for p in root.iterdir()) == [res.best["trial"]]
+    assert sorted(p.name for p in root.iterdir()) == sorted([res.best["trial"], earlier.name])

@@ -67,14 +67,16 @@ def trained_spec(base: dict, config: dict, metrics: dict) -> dict:
     return data
 
 
-def discard_sparse_bases(best_metrics: dict, keep: str) -> list[Path]:
-    """After a search with `tune.keep_sparse_bases: winner`: every trial's sparse base but the winner's
-    removed (failed trials' too); returns the folders removed."""
-    winner = best_metrics.get(SPARSE_BASE)
+def discard_sparse_bases(trials: list[dict], best: dict, keep: str) -> list[Path]:
+    """After a search with `tune.keep_sparse_bases: winner`: the sparse bases of this search's other
+    trials (failed ones too) removed; the winner's, and those of earlier searches of the same name
+    (their registered winners pin them), stay. Returns the folders removed."""
+    winner = best["metrics"].get(SPARSE_BASE)
     if keep == "all" or not winner:
         return []
-    winner = Path(winner)
-    gone = [d for d in winner.parent.iterdir() if d.is_dir() and d != winner]
+    root = Path(winner).parent
+    gone = [root / str(row["trial"]) for row in trials if str(row["trial"]) != Path(winner).name]
+    gone = [d for d in gone if d.is_dir()]
     for d in gone:
         shutil.rmtree(d, ignore_errors=True)
     return gone
