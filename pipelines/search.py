@@ -34,7 +34,9 @@ class SearchResult:
 def check_search(spec: PipelineSpec) -> None:
     """Everything that would make the search fail, before any trial starts: no space, too little data
     for one batch or for a held-out slice, rungs past a trial's last step."""
+    from tune.config import sparsifies
     from workers.data import load_holdout, load_train_eval
+    from workers.stages import calibration_texts
     from workers.train_loop import plan_steps
 
     t = spec.tune
@@ -47,6 +49,8 @@ def check_search(spec: PipelineSpec) -> None:
     if len(held) < 2:
         raise DataError(f"tune.selection_fraction {t.selection_fraction} of {len(train) + len(held)} training "
                         f"examples holds out {len(held)}; raise it so trials can be compared")
+    if sparsifies(t.space):  # every trial calibrates Wanda on sparsify.split
+        calibration_texts(spec.model_copy(update={"data": data}))
     _, total = plan_steps(len(train), spec.train)
     every = t.report_every or spec.train.checkpoint_every
     if t.scheduler == "asha" and every * t.asha.grace_period >= total:
@@ -189,12 +193,12 @@ def _finish(spec: PipelineSpec, result: SearchResult, metric: str, mode: str, co
     import mlflow
 
     from pipelines.run import print_report
-    from pipelines.search_plots import parallel_coordinates, trial_curves
-    from tune.trainable import trial_spec
+    from pipelines.search_plots import metric_vs_sparsity, parallel_coordinates, trial_curves
+    from tune.sparsity import discard_sparse_bases, trained_spec
     from workers.stages import build_artifact, evaluate_artifact
 
     best = result.best
-    winner = PipelineSpec.model_validate(trial_spec(spec.model_dump(mode="json"), best["config"]))
+    winner = PipelineSpec.model_validate(trained_spec(spec.model_dump(mode="json"), best["config"], best["metrics"]))
     winner = winner.model_copy(update={"data": winner.data.model_copy(update={
         "holdout_fraction": spec.tune.selection_fraction, "holdout_seed": spec.tune.selection_seed})})
     adapter_dir = build_artifact(winner, Path(best["checkpoint"]), spec.workspace_path() / "adapters" / result.run_id)
@@ -202,7 +206,8 @@ def _finish(spec: PipelineSpec, result: SearchResult, metric: str, mode: str, co
     print_report(console, report)
     result.adapter_dir, result.report = adapter_dir, report
     figures = {"trial_curves.png": trial_curves(result.trials, metric),
-               "parallel_coordinates.png": parallel_coordinates(result.trials, spec.tune, metric, mode)}
+               "parallel_coordinates.png": parallel_coordinates(result.trials, spec.tune, metric, mode),
+               "metric_vs_sparsity.png": metric_vs_sparsity(result.trials, metric)}
     with mlflow.start_run(run_id=result.run_id):
         mlflow.log_params({f"best.{k}": json.dumps(v) if isinstance(v, (list, dict)) else str(v)
                            for k, v in best["config"].items()})
@@ -224,3 +229,4 @@ def _finish(spec: PipelineSpec, result: SearchResult, metric: str, mode: str, co
         result.registration = reg
         verdict = "[green]moved[/]" if reg.moved else "[yellow]stays[/]"
         console.print(f"registered {reg.name} version {reg.version}; @{reg.alias} {verdict}: {reg.reason}")
+    discard_sparse_bases(result.trials, best, spec.tune.keep_sparse_bases)

@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from serve.config import ServeSpec
-from tune.config import TuneSpec
+from tune.config import TuneSpec, sparsifies
 from workers.common import StrictModel, set_key_path
 from workers.config import (
     PLUGINS_DESCRIPTION,
@@ -110,6 +110,8 @@ class PipelineSpec(StrictModel):
                 "tune.scheduler: asha stops trials early, which needs single-process trials: set "
                 "train.num_workers: 0 (ASHA stopping a trial that runs Ray Train workers hangs on Ray 2.60, "
                 "ray-project/ray#54305), or use scheduler: fifo")
+        if sparsifies(t.space):
+            self._check_sweep()
         base = self.model_dump(mode="json", exclude={"tune"})
         for path, dist in t.space.items():
             top = path.split(".")[0]
@@ -128,6 +130,22 @@ class PipelineSpec(StrictModel):
                 except ValidationError as err:
                     why = "; ".join(format_errors(err, trial))
                     raise ValueError(f"tune.space.{path}: the value {value!r} does not make a valid spec: {why}") from None
+
+    def _check_sweep(self) -> None:
+        """A space with sparsify.* keys: every trial writes its own sparse base, calibrated on data no
+        trial is selected or evaluated on."""
+        if self.sparsify.output:
+            raise ValueError(
+                "sparsify.output: with sparsify.* keys in tune.space every trial writes its sparse base to "
+                "<workspace>/sparse/<name>-search/<trial id>; remove sparsify.output (or set it to null)")
+        from workers.data import SPLIT_ALIASES
+
+        evals = self.data.eval_split
+        if evals and self.sparsify.split in SPLIT_ALIASES.get(evals, (evals,)):
+            raise ValueError(
+                f"sparsify.split: {self.sparsify.split!r} is the evaluation split, which scores only the "
+                f"search's winner; calibrate the trials on the training split: sparsify.split: "
+                f"{self.data.train_split}")
 
     def with_absolute_paths(self, base: Path | None = None) -> PipelineSpec:
         """Local model and data paths made absolute, so Ray workers (other cwd) find them."""

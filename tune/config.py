@@ -10,7 +10,9 @@ A search space maps spec key paths to distributions:
 
 Every trial trains the spec with its sampled values and is scored on a held-out slice of the
 training split (`tune.selection_fraction`), never on the evaluation split, which only the winner
-is evaluated on. No torch here: validating a spec stays cheap.
+is evaluated on. A space with `sparsify.*` keys makes a sparsity sweep: each trial first
+Wanda-sparsifies the base with its sampled values, then trains on that sparse base. No torch here:
+validating a spec stays cheap.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from workers.common import StrictModel
+
+SPARSIFY_KEYS = "sparsify."
+
+
+def sparsifies(paths) -> bool:
+    """The sparsity-sweep rule: trials Wanda-sparsify their base, then train on it, when the space
+    (or a trial's sampled values) holds any `sparsify.*` key."""
+    return any(p.startswith(SPARSIFY_KEYS) for p in paths)
+
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 DISTRIBUTIONS_HELP = ("one of {choice: [v, ...]}, {grid: [v, ...]}, {uniform: [lo, hi]}, "
@@ -103,7 +114,8 @@ class TuneSpec(StrictModel):
     space: dict[str, Distribution] = Field(
         default_factory=dict,
         description="Spec key path -> distribution, " + DISTRIBUTIONS_HELP + ". Every trial trains the spec "
-        "with its sampled values.",
+        "with its sampled values; with sparsify.* keys each trial first Wanda-sparsifies the base with its values "
+        "and trains on that sparse base (a sparsity sweep).",
     )
     metric: str | None = Field(
         None, description="Metric trials are selected on, measured on the held-out selection slice (default: "
@@ -148,6 +160,11 @@ class TuneSpec(StrictModel):
         "parameters); random samples; nls.grid tries every configuration.",
     )
     seed: int = Field(0, description="Seeds the searcher's proposals.")
+    keep_sparse_bases: Literal["winner", "all"] = Field(
+        "winner", description="With sparsify.* keys in the space, every trial Wanda-sparsifies its base into "
+        "<workspace>/sparse/<name>-search/<trial id> and trains on it; after the search `winner` keeps only the "
+        "winner's sparse base (the one its registered adapter pins), `all` keeps every trial's.",
+    )
     register_winner: bool = Field(
         True, description="Register the winner; its alias moves only when it beats the holder (track.alias).",
     )
@@ -169,6 +186,9 @@ class TuneSpec(StrictModel):
         if self.searcher != "random" and any(d.kind == "grid" for d in self.space.values()):
             raise ValueError(f"tune.space: grid axes need searcher: random; {self.searcher} proposes "
                              "its own points (use choice instead)")
+        if f"{SPARSIFY_KEYS}output" in self.space:
+            raise ValueError("tune.space.sparsify.output: cannot be searched; each trial writes its sparse base to "
+                             "<workspace>/sparse/<name>-search/<trial id>: remove it from tune.space")
         if self.searcher != "random" and not self.space:
             raise ValueError(f"tune.searcher: {self.searcher} needs a non-empty tune.space")
         return self

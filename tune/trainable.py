@@ -7,6 +7,8 @@ stages as `adapterflow train`, scored on the held-out selection slice of the tra
 - Trials with Ray Train workers (`train.num_workers >= 1`): the trial launches a `TorchTrainer`
   (DeepSpeed workers) and reports once at the end. The trial itself holds no resources; its
   workers do. Only FIFO runs such trials (ASHA stopping them hangs on Ray 2.60, ray-project/ray#54305).
+
+A sparsity sweep's trial first sparsifies its base and reports its sparsity (`tune.sparsity`).
 """
 
 from __future__ import annotations
@@ -43,14 +45,15 @@ class TrialSession(TrainSession):
     """A single-process trial: every checkpoint goes to Tune with the held-out scores of the model
     at that point; a restored trial resumes from Tune's checkpoint."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, extra: dict | None = None):
         self.spec = spec
+        self.extra = dict(extra or {})  # reported with every result (a sweep's sparsity)
         self._examples = None
 
     def report(self, metrics: dict, checkpoint_dir: Path) -> None:
         import ray.tune
 
-        ray.tune.report(dict(metrics), checkpoint=ray.tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        ray.tune.report({**metrics, **self.extra}, checkpoint=ray.tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     @contextlib.contextmanager
     def checkpoint(self) -> Iterator[Path | None]:
@@ -76,6 +79,7 @@ class TrialSession(TrainSession):
 
 def run_trial(config: dict, *, base: dict) -> None:
     """The function trainable: `config` holds the trial's sampled values, `base` the validated spec."""
+    from tune.sparsity import prepare
     from workers.ds_config import worker_env
     from workers.spec_view import WorkerSpec
 
@@ -83,21 +87,22 @@ def run_trial(config: dict, *, base: dict) -> None:
     spec = WorkerSpec.model_validate(data)
     for k, v in worker_env(spec.train).items():
         os.environ[k] = v  # this trial's threads, also in a reused process
+    spec, extra = prepare(spec, data, config)
     if spec.train.num_workers == 0:
-        _single_process(spec)
+        _single_process(spec, extra)
     else:
-        _with_train_workers(spec)
+        _with_train_workers(spec, extra)
 
 
-def _single_process(spec) -> None:
+def _single_process(spec, extra: dict) -> None:
     from workers.train_loop import run_training
 
     with tempfile.TemporaryDirectory(prefix="af-trial-") as root:  # Tune keeps what is reported
         run_training({"spec": spec.model_dump(mode="json"), "mlflow": None, "checkpoint_root": root},
-                     TrialSession(spec))
+                     TrialSession(spec, extra))
 
 
-def _with_train_workers(spec) -> None:
+def _with_train_workers(spec, extra: dict) -> None:
     import ray.tune
 
     from workers.stages import build_artifact, evaluate_artifact, launch_training
@@ -107,5 +112,5 @@ def _with_train_workers(spec) -> None:
     with tempfile.TemporaryDirectory(prefix="af-trial-") as tmp:
         adapter = build_artifact(spec, outcome.checkpoint, Path(tmp) / "adapter")
         held_out = scores(evaluate_artifact(spec, adapter, holdout=True))
-    ray.tune.report({**outcome.metrics, **held_out},
+    ray.tune.report({**outcome.metrics, **held_out, **extra},
                     checkpoint=ray.tune.Checkpoint.from_directory(str(outcome.checkpoint)))

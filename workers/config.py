@@ -196,7 +196,7 @@ class TrainSpec(StrictModel):
 
 
 class SparsifySpec(StrictModel):
-    """`adapterflow sparsify SPEC`: Wanda-prune the spec's base model into a sparse base."""
+    """`adapterflow sparsify SPEC` (and each trial of a sweep over sparsify.*): Wanda-prune the base model."""
 
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' (e.g. '2:4': N zeros in every M inputs).")
     ratio: float = Field(0.5, gt=0, lt=1, description="Share of each weight row zeroed (unstructured).")

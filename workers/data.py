@@ -122,6 +122,14 @@ def load_holdout(spec: DataSpec) -> list[dict]:
     return held
 
 
+def load_calibration(spec: DataSpec, split: str) -> list[dict] | None:
+    """Records whose inputs calibrate a sparsification (`sparsify.split`): the split, minus the
+    held-out selection slice when it is the training split (a search's trials never see it)."""
+    if split == spec.train_split and spec.holdout_fraction > 0:
+        return _train_records(spec)[0]
+    return load_split(spec, split)
+
+
 def load_train_eval(spec: DataSpec, seed: int) -> tuple[list[dict], list[dict]]:
     train, _ = _train_records(spec)
     evals = load_split(spec, spec.eval_split) if spec.eval_split else None

@@ -1,5 +1,5 @@
-"""The part of a pipeline spec a worker reads (model, data, adapter, train, plugins); other keys
-ignored. Workers never import pipelines."""
+"""The part of a pipeline spec a worker reads (model, data, adapter, train, sparsify, plugins); other
+keys ignored. Workers never import pipelines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers.config import PLUGINS_DESCRIPTION, AdapterSpec, DataSpec, ModelSpec, TrainSpec, import_plugins
+from workers.config import (
+    PLUGINS_DESCRIPTION,
+    AdapterSpec,
+    DataSpec,
+    ModelSpec,
+    SparsifySpec,
+    TrainSpec,
+    import_plugins,
+)
 
 
 class WorkerSpec(BaseModel):
@@ -21,6 +29,7 @@ class WorkerSpec(BaseModel):
     data: DataSpec
     adapter: AdapterSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
+    sparsify: SparsifySpec = Field(default_factory=SparsifySpec)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,9 +1,10 @@
-"""The training stages every entry point reuses (`adapterflow run/train`, Tune trials, tests):
-start Ray, check the inputs before any work, launch training on Ray Train, turn the final
-checkpoint into an adapter artifact, evaluate it.
+"""The training stages every entry point reuses (`adapterflow run/train/sparsify`, Tune trials,
+tests): start Ray, check the inputs before any work, Wanda-sparsify the base, launch training on Ray
+Train, turn the final checkpoint into an adapter artifact, evaluate it.
 
 A stage takes a job spec: any object with `name`, `workspace_path()`, `ray_address`, `plugins`,
-`model`, `data`, `adapter` and `train` (the pipeline spec, or `workers.spec_view.WorkerSpec`).
+`model`, `data`, `adapter`, `train` and `sparsify` (the pipeline spec, or
+`workers.spec_view.WorkerSpec`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,61 @@ def preflight(spec, wait_s: float = 20.0) -> None:
                 f"{total.get(res, 0):g} are free (a Serve app or another job holds the rest): stop it "
                 "(`serve shutdown`) or lower train.resources_per_worker"
             )
+
+
+SPARSITY_REPORT = "sparsity_report.json"
+
+
+def calibration_texts(spec) -> list[str]:
+    """The inputs (`data.input_template`) of `sparsify.split` that calibrate Wanda."""
+    from workers.data import input_template, load_calibration, render
+
+    sp = spec.sparsify
+    records = load_calibration(spec.data, sp.split)
+    if not records:
+        raise DataError(f"sparsify.split {sp.split!r} is missing or empty in {spec.data.path!r}")
+    tmpl = input_template(spec.data)
+    return [render(tmpl, r) for r in records]
+
+
+def sparsify_base(spec, out: Path, *, reuse: bool = False) -> dict:
+    """Wanda-prune the spec's base model (`sparsify.*`, calibrated on `calibration_texts`) and save it
+    to `out` as a model folder (safetensors, tokenizer, `sparsity_report.json`); return the report.
+    With `reuse`, a folder already holding this base sparsified with these settings is kept as it is
+    (a resumed trial)."""
+    settings = spec.sparsify.model_dump(mode="json", exclude={"output"})
+    if reuse and (out / SPARSITY_REPORT).is_file():
+        report = json.loads((out / SPARSITY_REPORT).read_text())
+        if report.get("base_model") == spec.model.name and report.get("settings") == settings:
+            return report
+    import torch
+
+    from workers.models import load_model, load_tokenizer, resolve_model_path
+    from workers.wanda import Pattern, calibration_batches, sparsify
+
+    sp = spec.sparsify
+    pattern = Pattern.parse(sp.pattern, sp.ratio)
+    texts = calibration_texts(spec)
+    tok = load_tokenizer(spec.model)
+    model = load_model(spec.model, tok)
+    calib = calibration_batches(tok, texts, sp.seq_len, sp.n_samples)
+    torch.manual_seed(spec.train.seed)
+    report = sparsify(model, calib, pattern)
+    report["calibration"] = {"chunks": sum(len(b["input_ids"]) for b in calib), "seq_len": sp.seq_len,
+                             "split": sp.split}
+    report["base_model"] = spec.model.name
+    report["settings"] = settings
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    src = Path(resolve_model_path(spec.model.name))
+    if src.is_dir():  # keep the base's extra tokenizer files (e.g. SentencePiece model)
+        for f in src.glob("tokenizer.model"):
+            shutil.copy2(f, out / f.name)
+    (out / SPARSITY_REPORT).write_text(json.dumps(report, indent=2))
+    return report
 
 
 @dataclass

@@ -79,6 +79,11 @@ class AdapterMethod:
         """Monte-Carlo forwards the adapter asks for by default (0: plain outputs)."""
         return 0
 
+    def adapter_sparsity(self, spec: MethodSpec) -> float | None:
+        """The share of all model weights the adapter leaves untrained, when the method is set by one
+        (a sparsity sweep plots against it); None for methods that are not."""
+        return None
+
     def draws_at_inference(self, spec: MethodSpec) -> bool:
         """The adapter's plain forwards at inference are random draws: each request then decodes on
         its own, its draws seeded from its `seed`."""

@@ -34,6 +34,9 @@ class SpartaMethod(AdapterMethod):
     spec_class = SpartaSpec
     # adapters switch by merge/unmerge on one base: one adapter per forward
 
+    def adapter_sparsity(self, spec: SpartaSpec) -> float:
+        return spec.sparsity
+
     def precheck(self, model, spec: SpartaSpec, task: str) -> None:
         from workers.methods.sparta.selection import precheck
 
