@@ -57,13 +57,13 @@ def _children(db: Path) -> dict[str, dict]:
     reader beside the one writer): trial id -> run id, status, end time, metric points."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
         rows = con.execute(
-            "SELECT r.run_uuid, r.status, r.end_time, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-            "WHERE t.key = 'adapterflow.trial_id'").fetchall()
+            "SELECT r.run_uuid, r.status, r.start_time, r.end_time, t.value FROM runs r JOIN tags t "
+            "ON t.run_uuid = r.run_uuid WHERE t.key = 'adapterflow.trial_id'").fetchall()
         out = {}
-        for run_id, status, end, trial in rows:
+        for run_id, status, start, end, trial in rows:
             history = con.execute("SELECT key, value, step, timestamp FROM metrics WHERE run_uuid = ? "
                                   "ORDER BY key, step, timestamp", (run_id,)).fetchall()
-            out[trial] = {"run_id": run_id, "status": status, "end_time": end, "history": history,
+            out[trial] = {"run_id": run_id, "status": status, "start_time": start, "end_time": end, "history": history,
                           "reports": [step for k, _, step, _ in history if k == "held_out_accuracy"]}
     return out
 
@@ -126,7 +126,8 @@ def search(tiny_llama, toy_data, tmp_path_factory, ray_session) -> Search:
     d["name"] = NAME
     d["ray_address"] = ray_session.get_runtime_context().gcs_address
     d["tune"] = {"space": {"train.lr": {"loguniform": [1e-3, 1e-1]}, "adapter.r": {"choice": [2, 4]}},
-                 "num_samples": NUM_TRIALS, "max_concurrent_trials": 2, "scheduler": "fifo", "seed": 1}
+                 "num_samples": NUM_TRIALS, "max_concurrent_trials": 2, "scheduler": "fifo", "seed": 1,
+                 "resources_per_trial": {"CPU": 0.5}}  # four would fit: max_concurrent_trials holds them to two
     spec = tmp / "search.yaml"
     spec.write_text(yaml.safe_dump(d))
     workspace = Path(d["workspace"])
@@ -195,6 +196,9 @@ def test_a_killed_search_resumes_without_running_finished_trials_again(search):
         assert now[trial]["run_id"] == before["run_id"], trial  # the same child run, not a new one
         if before["status"] == "FINISHED":  # not run again: nothing more logged, not ended again
             assert now[trial]["history"] == before["history"] and now[trial]["end_time"] == before["end_time"], trial
+    events = sorted([(r["start_time"], 1) for r in now.values()] + [(r["end_time"], -1) for r in now.values()])
+    running = [sum(d for _, d in events[:i + 1]) for i in range(len(events))]
+    assert max(running) == 2, events  # tune.max_concurrent_trials held, by both drivers
     for trial, run in now.items():  # no report logged twice
         points = [(k, step) for k, _, step, _ in run["history"]]
         assert len(points) == len(set(points)), (trial, sorted(points))
@@ -379,19 +383,21 @@ def test_the_mlflow_server_serves_the_search_through_its_rest_api(search, dashbo
     assert version["run_id"] == parent_id
 
 
-def test_the_mlflow_ui_shows_the_search_in_headless_chromium(search, dashboards, tmp_path):
+def test_the_mlflow_ui_shows_the_search_in_headless_chromium(search, dashboards):
     """Where Debian's `chromium` is installed (apt-get install chromium): the MLflow UI, rendered
-    headless, lists the search's parent run and, expanded, its trials' runs."""
+    headless, shows the search's parent run with every trial's run among its child runs."""
     browser = shutil.which("chromium")
     if browser is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     exp = _api(dashboards.mlflow, "experiments/get-by-name", experiment_name="adapterflow")["experiment"]
-    url = f"{dashboards.mlflow}/#/experiments/{exp['experiment_id']}/runs"
+    url = f"{dashboards.mlflow}/#/experiments/{exp['experiment_id']}/runs/{search.summary['run_id']}"
     out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                           "--virtual-time-budget=30000", "--window-size=1600,1000", "--dump-dom", url],
                          capture_output=True, text=True, timeout=120)
     dom = out.stdout
-    assert f"{NAME}-search" in dom, (out.returncode, dom[-2000:], out.stderr[-2000:])
+    assert f"{NAME}-search" in dom and "Child runs" in dom, (out.returncode, dom[-2000:], out.stderr[-2000:])
+    for trial in search.summary["trials"]:
+        assert f"trial-{trial['trial']}" in dom, trial["trial"]
 
 
 def _alive(proc) -> bool:

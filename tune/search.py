@@ -75,8 +75,10 @@ def build_tuner(spec_json: dict, t: TuneSpec, task: str, *, storage: Path, name:
     return Tuner(
         trainable,
         param_space=param_space(t),
-        tune_config=TuneConfig(metric=metric, mode=mode, num_samples=t.num_samples, search_alg=searcher(t),
-                               scheduler=scheduler(t), max_concurrent_trials=max_concurrent,
+        tune_config=TuneConfig(metric=metric, mode=mode, num_samples=t.num_samples,
+                               search_alg=searcher(t, max_concurrent), scheduler=scheduler(t),
+                               # a SearchGenerator (random, grid) bounds itself; Tune would ignore this with a warning
+                               max_concurrent_trials=None if t.searcher == "random" else max_concurrent,
                                time_budget_s=t.time_budget_s, reuse_actors=True,
                                trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=RunConfig(name=name, storage_path=str(storage), callbacks=with_loggers(callbacks), verbose=0,
