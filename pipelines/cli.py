@@ -152,48 +152,34 @@ def tune_(spec: Path, set_: SetOpt = None,
 @app.command()
 def dashboards(spec: Annotated[Optional[Path], typer.Argument(help="A spec (its workspace); default .adapterflow.")] = None,
                set_: SetOpt = None,
-               start: Annotated[bool, typer.Option(help="Start the MLflow UI (and TensorBoard, if installed) on "
-                                                  "loopback until Ctrl-C.")] = False,
+               start: Annotated[bool, typer.Option(help="Start the MLflow UI and TensorBoard on loopback until "
+                                                  "Ctrl-C.")] = False,
                port: Annotated[int, typer.Option(help="The MLflow UI's port (TensorBoard takes the next).")] = 5000,
                ) -> None:
     """Where to watch runs and searches: the MLflow UI on the workspace's store, TensorBoard on the searches'
     trial event files, and the Ray dashboard while Ray runs."""
-    import shutil
-    import subprocess
-    import sys
+    from pipelines import dashboards as boards
 
     if spec is not None:
-        s, _ = _load(spec, set_)
-        workspace, uri = s.workspace_path(), None
         from pipelines.tracking import tracking_uri
 
-        uri = tracking_uri(s)
+        s, _ = _load(spec, set_)
+        workspace, uri = s.workspace_path(), tracking_uri(s)
     else:
         workspace = (Path.cwd() / ".adapterflow").resolve()
         uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    artifacts = workspace / "mlartifacts"
-    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root",
-                  artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port)]
-    tensorboard = shutil.which("tensorboard")
-    tb_cmd = [tensorboard or "tensorboard", "--logdir", str(workspace / "tune"), "--host", "127.0.0.1",
-              "--port", str(port + 1)]
-    console.print(f"MLflow UI:   {' '.join(mlflow_cmd)}\n             http://127.0.0.1:{port}")
-    console.print(f"TensorBoard: {' '.join(tb_cmd)}" + ("" if tensorboard else "   (pip install tensorboard first)"))
+    planned = boards.plan(workspace, uri, port)
+    for b in planned:
+        console.print(f"{b.name + ':':<13}{b.url}" + (f"   ({b.note})" if b.note else ""), markup=False,
+                      highlight=False)
+        if b.command:
+            console.print(f"{'':<13}{b.shell()}", markup=False, highlight=False)
     console.print("Ray:         the dashboard URL `adapterflow run/train/tune` prints while Ray runs "
                   "(http://127.0.0.1:8265 for a local instance)")
-    if not start:
-        return
-    procs = [subprocess.Popen(mlflow_cmd)]
-    if tensorboard:
-        procs.append(subprocess.Popen(tb_cmd))
-    try:
-        for proc in procs:
-            proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for proc in procs:
-            proc.terminate()
+    if start:
+        procs = boards.start(planned, console)
+        console.print("Ctrl-C stops them.")
+        boards.serve_until_stopped(procs, console)
 
 
 @app.command()

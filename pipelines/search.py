@@ -101,7 +101,7 @@ def run_search(spec: PipelineSpec, spec_dict: dict, console: Console, *, resume:
     try:
         if resume and can_restore(path):
             console.print(f"resuming the search in {path}")
-            tuner = restore_tuner(path, spec_json, t)
+            tuner = restore_tuner(path, spec_json, t, callbacks)
         else:
             tuner = build_tuner(spec_json, t, spec.model.task, storage=storage, name=name, callbacks=callbacks,
                                 max_concurrent=concurrent)

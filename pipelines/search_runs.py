@@ -21,11 +21,19 @@ def _scalars(result: dict) -> dict:
 class TrialRuns(Callback):
     """Every trial is a child run of the search's parent run: its sampled values as params, each
     report's metrics at its step, and how it ended (finished, stopped early by the scheduler, failed
-    with its error). Restored with a resumed search, it finds the child runs it made before."""
+    with its error).
+
+    A resumed search (its driver was killed) starts from what MLflow holds, not from what Tune's last
+    experiment snapshot says: the child runs made before are found by their trial tag, a report at a
+    step already logged (a trial resumed from a checkpoint older than its last report) is not logged
+    again, and a run that already ended is not ended again (Tune's snapshot can trail a trial's end, so
+    such a trial comes back, restores its final checkpoint and ends with nothing left to train)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str):
         self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
         self.runs: dict[str, str] = {}
+        self.logged: dict[str, int] = {}  # trial id -> last step logged
+        self.ended: set[str] = set()
         self.last: dict[str, dict] = {}
         self._client = None
 
@@ -38,11 +46,22 @@ class TrialRuns(Callback):
             from mlflow import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
-            for run in self._client.search_runs([self.experiment_id],
-                                                f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"):
-                if CHILD_TAG in run.data.tags:
-                    self.runs[run.data.tags[CHILD_TAG]] = run.info.run_id
+            self._load(self._client)
         return self._client
+
+    def _load(self, client) -> None:
+        for run in client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"):
+            trial = run.data.tags.get(CHILD_TAG)
+            if trial is None:
+                continue
+            self.runs[trial] = run.info.run_id
+            if run.info.status != "RUNNING":
+                self.ended.add(trial)
+            if run.data.metrics:
+                key = "loss" if "loss" in run.data.metrics else next(iter(run.data.metrics))
+                steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+                if steps:
+                    self.logged[trial] = max(steps)
 
     def _run(self, trial) -> str:
         client = self.client
@@ -60,23 +79,32 @@ class TrialRuns(Callback):
         from mlflow.entities import Metric
 
         run_id = self._run(trial)
+        self.last[trial.trial_id] = dict(result)
         step = int(result.get("step", result.get("training_iteration", 0)))
+        if step <= self.logged.get(trial.trial_id, -1):
+            return  # logged before the driver stopped
         ts = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in _scalars(result).items()])
-        self.last[trial.trial_id] = dict(result)
+        self.logged[trial.trial_id] = step
+
+    def _end(self, trial, status: str, tags: dict) -> None:
+        run_id = self._run(trial)
+        if trial.trial_id in self.ended:
+            return
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+        self.client.set_terminated(run_id, status)
+        self.ended.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
         last = self.last.get(trial.trial_id) or trial.last_result or {}
         early = last.get("step") is not None and last.get("step") < last.get("total_steps", 0)
-        self.client.set_tag(run_id, "adapterflow.trial_status", "stopped early" if early else "finished")
-        self.client.set_terminated(run_id, "KILLED" if early else "FINISHED")
+        self._end(trial, "KILLED" if early else "FINISHED",
+                  {"adapterflow.trial_status": "stopped early" if early else "finished"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run(trial)
-        self.client.set_tag(run_id, "adapterflow.trial_status", "failed")
-        self.client.set_tag(run_id, "adapterflow.error", trial_error(trial)[:5000])
-        self.client.set_terminated(run_id, "FAILED")
+        self._end(trial, "FAILED", {"adapterflow.trial_status": "failed",
+                                    "adapterflow.error": trial_error(trial)[:5000]})
 
 
 def _params(config: dict):
@@ -111,6 +139,7 @@ class Progress(Callback):
         self.columns = columns  # what a row shows before the metric: training progress, or e.g. ranks and size
         self.rows: dict[str, dict] = {}
         self.status: dict[str, str] = {}
+        self._seen_restored = False
         self._live = None
 
     def __getstate__(self):
@@ -159,6 +188,19 @@ class Progress(Callback):
     def _update(self):
         if self._live is not None:
             self._live.update(self._table())
+
+    def on_step_begin(self, iteration, trials, **info):
+        """A resumed search's first step: the trials that ended before the driver stopped, as they ended."""
+        if self._seen_restored:
+            return
+        self._seen_restored = True
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR") and trial.trial_id not in self.status:
+                r = dict(trial.last_result or {})
+                early = r.get("step") is not None and r.get("step") < r.get("total_steps", 0)
+                self.rows[trial.trial_id] = r
+                self.status[trial.trial_id] = "failed" if trial.status == "ERROR" else "stopped" if early else "finished"
+        self._update()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.status[trial.trial_id] = "running"

@@ -51,6 +51,14 @@ def concurrent_trials(spec_json: dict, t: TuneSpec, cluster: dict) -> int:
     return max(1, min(fits) if fits else 1)
 
 
+# Checkpoints kept per trial. Tune forces an experiment snapshot (trial states, checkpoints, searcher)
+# once a trial has reported `num_to_keep` checkpoints since the last one: with 1, every report is in
+# the snapshot when the next event comes, so a search whose driver is killed resumes each trial from
+# its last report. With 2 the snapshot can trail by a report (measured: a trial killed after its first
+# report started again from step 0, a finished one trained its last steps again).
+KEEP = 1
+
+
 def build_tuner(spec_json: dict, t: TuneSpec, task: str, *, storage: Path, name: str, callbacks: list,
                 max_concurrent: int):
     import os
@@ -58,7 +66,8 @@ def build_tuner(spec_json: dict, t: TuneSpec, task: str, *, storage: Path, name:
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
 
-    # every held-out evaluation is a checkpoint: Tune's warning about frequent state snapshots is expected
+    # every held-out evaluation is a checkpoint, and each one snapshots the experiment (see KEEP):
+    # Tune's warning about frequent state snapshots is expected
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     metric, mode = reported_metric(t, task)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=trial_base(spec_json, t)),
@@ -66,25 +75,44 @@ def build_tuner(spec_json: dict, t: TuneSpec, task: str, *, storage: Path, name:
     return Tuner(
         trainable,
         param_space=param_space(t),
-        tune_config=TuneConfig(metric=metric, mode=mode, num_samples=t.num_samples, search_alg=searcher(t),
-                               scheduler=scheduler(t), max_concurrent_trials=max_concurrent,
+        tune_config=TuneConfig(metric=metric, mode=mode, num_samples=t.num_samples,
+                               search_alg=searcher(t, max_concurrent), scheduler=scheduler(t),
+                               # a SearchGenerator (random, grid) bounds itself; Tune would ignore this with a warning
+                               max_concurrent_trials=None if t.searcher == "random" else max_concurrent,
                                time_budget_s=t.time_budget_s, reuse_actors=True,
                                trial_dirname_creator=lambda trial: trial.trial_id),
-        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks, verbose=0,
+        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=with_loggers(callbacks), verbose=0,
                              failure_config=FailureConfig(max_failures=0),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP)),
     )
 
 
-def restore_tuner(path: Path, spec_json: dict, t: TuneSpec):
+def with_loggers(callbacks: list) -> list:
+    """The search's callbacks and the logger that writes each trial's TensorBoard event file (Tune adds
+    its CSV and JSON loggers itself)."""
+    from tune.loggers import TrialEventFiles
+
+    return [*callbacks, TrialEventFiles()]
+
+
+def restore_tuner(path: Path, spec_json: dict, t: TuneSpec, callbacks: list):
     """A search whose driver stopped, resumed: finished trials stay finished, unfinished ones go on
-    from their last checkpoint. Its callbacks come back with its saved state (they must pickle)."""
+    from their last checkpoint, failed ones stay failed.
+
+    Tune restores the RunConfig from the experiment's `tuner.pkl`, written when the search started,
+    callbacks included: those carry the first driver's tracking URI, parent run and console. This
+    driver's `callbacks` take their place (they find what the first driver logged by themselves)."""
     from ray import tune
     from ray.tune import Tuner
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=trial_base(spec_json, t)),
                                     trial_resources(spec_json, t))
-    return Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    tuner = Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    # no public way to set them on restore (ray-project/ray#41364; Ray is pinned to 2.60). Through a
+    # Ray Client (ray://) connection the tuner runs remotely: the restored callbacks stay.
+    if getattr(tuner, "_local_tuner", None) is not None:
+        tuner._local_tuner.get_run_config().callbacks = with_loggers(callbacks)
+    return tuner
 
 
 def can_restore(path: Path) -> bool:

@@ -32,14 +32,16 @@ def reported_metric(spec: TuneSpec, task: str) -> tuple[str, str]:
     return f"{SCORE_PREFIX}{metric}", mode
 
 
-def searcher(spec: TuneSpec):
-    """The search algorithm proposing configurations (the metric and mode come from the TuneConfig)."""
+def searcher(spec: TuneSpec, max_concurrent: int = 0):
+    """The search algorithm proposing configurations (the metric and mode come from the TuneConfig).
+    Random and grid proposals hold at most `max_concurrent` trials running (0: no bound) themselves:
+    Tune ignores TuneConfig.max_concurrent_trials for them."""
     from ray.tune.search import ConcurrencyLimiter
 
     if spec.searcher == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=spec.seed)
+        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent)
     if spec.searcher == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
