@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines import tracking
-from pipelines.search import SearchResult, _check_resources, _parent_run
+from pipelines.search import SearchResult, _check_resources, open_search
 from pipelines.spec import PipelineSpec
 from workers.errors import SpecError, TrainingError
 
@@ -37,29 +37,19 @@ class NlsResult(SearchResult):
 
 
 def run_nls_search(spec: PipelineSpec, spec_dict: dict, console: Console, *, resume: bool = False) -> NlsResult:
-    import mlflow
     import ray
 
     from pipelines.search_runs import Progress, TrialRuns
     from tune.nls import build_nls_tuner, load_groups, num_trials, restore_nls_tuner
     from tune.search import can_restore, concurrent_trials
     from tune.space import reported_metric
-    from workers.stages import check_inputs, ensure_ray
+    from workers.stages import check_inputs
 
     check_inputs(spec)
     check_nls(spec)
     t = spec.tune
-    uri = tracking.setup(spec)
-    experiment = mlflow.get_experiment_by_name(spec.track.experiment)
-    storage = spec.workspace_path() / "tune"
-    name = f"{spec.name}-search"
-    path = storage / name
+    uri, experiment_id, storage, name, path, parent = open_search(spec, spec_dict, console, resume)
     resuming = resume and can_restore(path)
-    parent = _parent_run(spec, spec_dict, experiment.experiment_id, resuming)
-    console.print(f"[bold]MLflow[/] search run {parent} in {uri}")
-    dashboard = ensure_ray(spec)
-    if dashboard:
-        console.print(f"[bold]Ray[/] dashboard: http://{dashboard}")
     status = "FAILED"
     timings = {}
     try:
@@ -73,11 +63,11 @@ def run_nls_search(spec: PipelineSpec, spec_dict: dict, console: Console, *, res
         check_grid(t, groups)
         total = num_trials(t, groups, method)
         console.print(f"NLS search over {len(groups)} groups ({_space_text(groups)}): {total} configurations")
-        callbacks = [TrialRuns(uri, experiment.experiment_id, parent),
+        callbacks = [TrialRuns(uri, experiment_id, parent),
                      Progress(console, metric, mode, total, columns=("ranks", "lora_params"))]
         if resuming:
             console.print(f"resuming the search in {path}")
-            tuner = restore_nls_tuner(path, spec_json, t, folder, method)
+            tuner = restore_nls_tuner(path, spec_json, t, folder, method, callbacks)
         else:
             tuner = build_nls_tuner(spec_json, t, spec.model.task, folder, method, storage=storage, name=name,
                                     callbacks=callbacks,

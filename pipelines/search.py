@@ -73,21 +73,12 @@ def run_search(spec: PipelineSpec, spec_dict: dict, console: Console, *, resume:
     from pipelines.search_runs import Progress, TrialRuns
     from tune.search import build_tuner, can_restore, concurrent_trials, restore_tuner, trial_resources
     from tune.space import reported_metric
-    from workers.stages import check_inputs, ensure_ray
+    from workers.stages import check_inputs
 
     check_inputs(spec)
     check_search(spec)
     t = spec.tune
-    uri = tracking.setup(spec)
-    import mlflow
-
-    experiment = mlflow.get_experiment_by_name(spec.track.experiment)
-    storage = spec.workspace_path() / "tune"
-    name = f"{spec.name}-search"
-    path = storage / name
-    parent = _parent_run(spec, spec_dict, experiment.experiment_id, resume and can_restore(path))
-    console.print(f"[bold]MLflow[/] search run {parent} in {uri}")
-    ensure_ray(spec)
+    uri, experiment_id, storage, name, path, parent = open_search(spec, spec_dict, console, resume)
     spec_json = spec.model_dump(mode="json", exclude={"tune"})
     resources = trial_resources(spec_json, t)
     _check_resources(spec, resources)
@@ -95,7 +86,7 @@ def run_search(spec: PipelineSpec, spec_dict: dict, console: Console, *, resume:
 
     concurrent = concurrent_trials(spec_json, t, ray.cluster_resources())
     metric, mode = reported_metric(t, spec.model.task)
-    callbacks = [TrialRuns(uri, experiment.experiment_id, parent),
+    callbacks = [TrialRuns(uri, experiment_id, parent),
                  Progress(console, metric, mode, None if _has_grid(t) else t.num_samples)]
     status = "FAILED"
     try:
@@ -116,6 +107,27 @@ def run_search(spec: PipelineSpec, spec_dict: dict, console: Console, *, resume:
         return result
     finally:
         tracking.end_run(parent, status)
+
+
+def open_search(spec: PipelineSpec, spec_dict: dict, console: Console, resume: bool):
+    """MLflow and Ray for a search: (tracking URI, experiment id, Tune storage, experiment name, its
+    path, the parent run: the earlier one when a restorable search resumes)."""
+    import mlflow
+
+    from tune.search import can_restore
+    from workers.stages import ensure_ray
+
+    uri = tracking.setup(spec)
+    experiment_id = mlflow.get_experiment_by_name(spec.track.experiment).experiment_id
+    storage = spec.workspace_path() / "tune"
+    name = f"{spec.name}-search"
+    path = storage / name
+    parent = _parent_run(spec, spec_dict, experiment_id, resume and can_restore(path))
+    console.print(f"[bold]MLflow[/] search run {parent} in {uri}")
+    dashboard = ensure_ray(spec)
+    if dashboard:
+        console.print(f"[bold]Ray[/] dashboard: http://{dashboard}")
+    return uri, experiment_id, storage, name, path, parent
 
 
 def _has_grid(t) -> bool:

@@ -63,9 +63,10 @@ def param_space(groups: list[dict], grid: bool) -> dict:
     return {KEY.format(i): make(list(g["search_space"])) for i, g in enumerate(groups)}
 
 
-def nls_searcher(t: TuneSpec, groups: list[dict], method: str, metric: str, mode: str):
+def nls_searcher(t: TuneSpec, groups: list[dict], method: str, metric: str, mode: str, max_concurrent: int = 0):
     """Optuna's multi-objective TPE (held-out metric, LoRA parameters), or random; both evaluate the
-    reference configurations first. A grid needs no searcher beyond Tune's variant generator."""
+    reference configurations first. A grid needs no searcher beyond Tune's variant generator. Each
+    bounds the trials running at once itself (Tune ignores TuneConfig's bound for them)."""
     refs = [] if t.nls.grid else list(reference_points(groups, method).values())
     if t.searcher == "optuna":
         import optuna
@@ -77,7 +78,7 @@ def nls_searcher(t: TuneSpec, groups: list[dict], method: str, metric: str, mode
         return ConcurrencyLimiter(alg, max_concurrent=t.max_concurrent_trials or 2)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(points_to_evaluate=refs or None, random_state=t.seed)
+    return BasicVariantGenerator(points_to_evaluate=refs or None, random_state=t.seed, max_concurrent=max_concurrent)
 
 
 def num_trials(t: TuneSpec, groups: list[dict], method: str) -> int:
@@ -138,7 +139,7 @@ def build_nls_tuner(spec_json: dict, t: TuneSpec, task: str, folder: Path, metho
     from ray import tune
     from ray.tune import FailureConfig, RunConfig, TuneConfig, Tuner
 
-    from tune.search import trial_base
+    from tune.search import trial_base, with_loggers
     from tune.space import reported_metric
 
     metric, mode = reported_metric(t, task)
@@ -150,25 +151,23 @@ def build_nls_tuner(spec_json: dict, t: TuneSpec, task: str, folder: Path, metho
         trainable,
         param_space=param_space(groups, t.nls.grid),
         tune_config=TuneConfig(num_samples=1 if t.nls.grid else num_trials(t, groups, method),
-                               search_alg=nls_searcher(t, groups, method, metric, mode),
-                               max_concurrent_trials=None if t.searcher == "optuna" else max_concurrent,
+                               search_alg=nls_searcher(t, groups, method, metric, mode, max_concurrent),
                                time_budget_s=t.time_budget_s,
                                reuse_actors=True, trial_dirname_creator=lambda trial: trial.trial_id),
-        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks, verbose=0,
+        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=with_loggers(callbacks), verbose=0,
                              failure_config=FailureConfig(max_failures=0)),
     )
 
 
-def restore_nls_tuner(path: Path, spec_json: dict, t: TuneSpec, folder: Path, method: str):
+def restore_nls_tuner(path: Path, spec_json: dict, t: TuneSpec, folder: Path, method: str, callbacks: list):
     from ray import tune
-    from ray.tune import Tuner
 
-    from tune.search import trial_base
+    from tune.search import restore_with, trial_base
 
     trainable = tune.with_resources(
         tune.with_parameters(evaluate_ranks, base=trial_base(spec_json, t), folder=str(folder), method=method),
         dict(t.resources_per_trial))
-    return Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    return restore_with(path, trainable, callbacks)
 
 
 def pareto_front(rows: list[dict], mode: str) -> list[int]:

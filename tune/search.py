@@ -103,10 +103,16 @@ def restore_tuner(path: Path, spec_json: dict, t: TuneSpec, callbacks: list):
     callbacks included: those carry the first driver's tracking URI, parent run and console. This
     driver's `callbacks` take their place (they find what the first driver logged by themselves)."""
     from ray import tune
-    from ray.tune import Tuner
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=trial_base(spec_json, t)),
                                     trial_resources(spec_json, t))
+    return restore_with(path, trainable, callbacks)
+
+
+def restore_with(path: Path, trainable, callbacks: list):
+    """`Tuner.restore` of the experiment at `path` with this driver's callbacks (see restore_tuner)."""
+    from ray.tune import Tuner
+
     tuner = Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     # no public way to set them on restore (ray-project/ray#41364; Ray is pinned to 2.60). Through a
     # Ray Client (ray://) connection the tuner runs remotely: the restored callbacks stay.
