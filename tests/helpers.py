@@ -204,3 +204,12 @@ def train_method_case(name: str, tiny_llama: Path, toy_data: Path, toy_instruct:
     folder = build_artifact(spec, out.checkpoint, tmp / "adapter")
     return {"name": name, "spec": spec, "out": out, "folder": folder, "case": case,
             "texts": CAUSAL_TEXTS if causal else METHOD_TEXTS}
+
+
+def mlflow_client(workspace):
+    """An MLflow client on a workspace's store, for its runs and its registry alike (a client given only a
+    tracking URI takes the registry URI of whatever the process set last)."""
+    import mlflow
+
+    uri = f"sqlite:///{Path(workspace) / 'mlflow.db'}"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)

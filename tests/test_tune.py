@@ -9,7 +9,7 @@ import pytest
 
 from workers.errors import SpecError
 
-from helpers import spec_for
+from helpers import mlflow_client, spec_for
 
 
 def _spec_dict(tiny_llama, toy_data, tmp, **tune):
@@ -55,9 +55,8 @@ def test_asha_needs_single_process_trials_and_budgets_are_checked(tiny_llama, to
 
 
 def _runs(spec, parent):
-    import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{spec.workspace_path() / 'mlflow.db'}")
+    client = mlflow_client(spec.workspace_path())
     exp = client.get_experiment_by_name(spec.track.experiment)
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
     return client, children

@@ -10,7 +10,7 @@ import pytest
 
 from workers.errors import SpecError
 
-from helpers import spec_for
+from helpers import mlflow_client, spec_for
 
 SPACE = [4, 3, 2]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -70,9 +70,8 @@ def searched(tiny_llama, toy_data, tmp_path_factory, ray_session):
 
 
 def _client(spec):
-    import mlflow
 
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{spec.workspace_path() / 'mlflow.db'}")
+    return mlflow_client(spec.workspace_path())
 
 
 def _holdout_accuracy(spec, folder):

@@ -10,7 +10,7 @@ import pytest
 
 from workers.errors import SpecError
 
-from helpers import HEAD, METHOD_CASES, SPARTA_POOL, spec_for
+from helpers import HEAD, METHOD_CASES, SPARTA_POOL, mlflow_client, spec_for
 
 
 def _sweep(tiny_llama, toy_data, tmp, adapter: dict, space: dict, **tune) -> dict:
@@ -49,9 +49,8 @@ def test_a_calibration_split_the_data_lacks_is_refused_before_any_trial(tiny_lla
 
 
 def _parent(spec, run_id):
-    import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{spec.workspace_path() / 'mlflow.db'}")
+    client = mlflow_client(spec.workspace_path())
     exp = client.get_experiment_by_name(spec.track.experiment)
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
     return client, {a.path for a in client.list_artifacts(run_id)}, children

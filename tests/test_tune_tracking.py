@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, spec_for
+from helpers import ROOT, mlflow_client, spec_for
 
 NUM_TRIALS = 4
 REPORT_STEPS = [7, 14, 21, 28]  # 2 epochs of 14 steps, a held-out report every 7
@@ -175,7 +175,6 @@ def _experiment(s: Search) -> Path:
 
 
 def test_a_killed_search_resumes_without_running_finished_trials_again(search):
-    import mlflow
 
     s = search
     assert "resuming the search" in s.resumed_log, s.resumed_log
@@ -183,7 +182,7 @@ def test_a_killed_search_resumes_without_running_finished_trials_again(search):
     assert s.summary["counts"]["finished"] == NUM_TRIALS and s.summary["counts"]["failed"] == 0, s.summary["counts"]
     assert f"trials: {NUM_TRIALS} finished" in s.resumed_log  # the live table counts the trials done before too
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{s.workspace / 'mlflow.db'}")
+    client = mlflow_client(s.workspace)
     exp = client.get_experiment_by_name("adapterflow")
     parents = client.search_runs([exp.experiment_id], f"tags.`adapterflow.search` = '{NAME}'")
     assert [p.info.run_id for p in parents] == [s.summary["run_id"]]  # one parent run, resumed
@@ -450,7 +449,7 @@ def test_trial_runs_of_a_resumed_search_log_nothing_twice(tmp_path):
     from pipelines.search_runs import Progress, TrialRuns
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.create_experiment("search", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp).info.run_id
 
