@@ -16,7 +16,7 @@ class ProgressBoard:
         self.posts = 0
 
     def post(self, record: dict) -> None:
-        self.latest = {**self.latest, **record, "posted_at": time.time()}
+        self.latest = {**self.latest, "posted_at": time.time(), **record}  # a post may say when it was made
         self.posts += 1
 
     def read(self) -> dict:
