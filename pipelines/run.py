@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines import tracking
+from pipelines.progress import training_progress
 from pipelines.spec import PipelineSpec
 from workers.stages import build_artifact, check_inputs, ensure_ray, evaluate_artifact, launch_training
 
@@ -45,10 +46,11 @@ def train_and_register(spec: PipelineSpec, spec_dict: dict, console: Console, *,
     timings["setup_s"] = time.perf_counter() - t0
     status = "FAILED"
     try:
-        with console.status(f"training {spec.adapter.method} on {spec.train.num_workers or 'local'} "
-                            f"worker(s), ZeRO-{spec.train.zero_stage}..."):
+        label = (f"training {spec.adapter.method} on {spec.train.num_workers or 'local'} worker(s), "
+                 f"ZeRO-{spec.train.zero_stage}")
+        with training_progress(console, label) as board:
             t = time.perf_counter()
-            outcome = launch_training(spec, mlflow_cfg={"tracking_uri": uri, "run_id": run_id})
+            outcome = launch_training(spec, mlflow_cfg={"tracking_uri": uri, "run_id": run_id}, progress=board)
             timings["train_s"] = time.perf_counter() - t
         m = outcome.metrics
         console.print(f"trained {m.get('step')} steps, final loss {m.get('loss', float('nan')):.4f}, "

@@ -157,9 +157,10 @@ class TrainOutcome:
 
 
 def launch_training(spec, *, mlflow_cfg: dict | None = None, run_name: str | None = None,
-                    resume_from: str | None = None) -> TrainOutcome:
+                    resume_from: str | None = None, progress=None) -> TrainOutcome:
     """Train on Ray Train (`train.num_workers` DeepSpeed workers; 0 = local mode, in-process) and
-    return the final checkpoint, its metrics and the loss history."""
+    return the final checkpoint, its metrics and the loss history. `progress`: a progress board
+    (workers/progress.py) rank 0 posts to."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -169,7 +170,8 @@ def launch_training(spec, *, mlflow_cfg: dict | None = None, run_name: str | Non
     t = spec.train
     run_name = run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     storage = spec.workspace_path() / "ray_results"
-    config = {"spec": spec.model_dump(mode="json"), "mlflow": mlflow_cfg, "resume_from": resume_from}
+    config = {"spec": spec.model_dump(mode="json"), "mlflow": mlflow_cfg, "resume_from": resume_from,
+              "progress": progress}
     if t.num_workers == 0:  # local mode: Ray does not persist checkpoints, the loop does
         config["checkpoint_root"] = str(storage / run_name / "local")
         for k, v in worker_env(t).items():

@@ -213,6 +213,7 @@ def _train(config: dict, spec, session) -> None:
     from workers.data import BatchPlan, collate, encode, load_train_eval
     from workers.ds_config import build_ds_config
     from workers.methods import method_of
+    from workers.progress import Poster
 
     train, rank, world = spec.train, session.rank, session.world
     method = method_of(spec.adapter)
@@ -251,6 +252,8 @@ def _train(config: dict, spec, session) -> None:
                 log.info("resumed from checkpoint at step %d", start_step)
 
     tracker = _Tracker(config.get("mlflow"), rank)
+    progress = Poster(config.get("progress"), rank)
+    progress.post(step=start_step, total_steps=total_steps, started_at=time.time(), start_step=start_step)
     pad_id = tok.pad_token_id
     engine.train()
     t0 = time.perf_counter()
@@ -277,6 +280,8 @@ def _train(config: dict, spec, session) -> None:
             record["examples_per_s"] = window_steps * train.global_batch_size / (now - window_start)
             window_start, window_steps = now, 0
             tracker.log(history[-train.log_every:])
+            progress.post(step=done, loss=record["loss"], examples_per_s=record["examples_per_s"],
+                          epoch=record["epoch"])
         last = done == total_steps
         if done % train.checkpoint_every == 0 or last:
             metrics = {"step": done, "loss": float(loss), "trainable_params": trainable,
