@@ -255,6 +255,12 @@ def test_each_trial_has_tensorboard_event_files_with_its_reported_scalars(search
         assert steps == REPORT_STEPS, (trial, steps)
 
 
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def _free_port_pair() -> int:
     for _ in range(100):
         with socket.socket() as a:
@@ -294,11 +300,12 @@ def dashboards(search, tmp_path_factory):
     boards = Dashboards(proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}", log, [])
     try:
         deadline = time.monotonic() + 120
-        while "TensorBoard serving at" not in log.read_text():  # the command waits for both to answer
+        while "Ctrl-C stops them." not in log.read_text():  # printed once every dashboard answers
             assert proc.poll() is None, f"dashboards exited ({proc.returncode}):\n{_tail(log)}"
             assert time.monotonic() < deadline, "the dashboards did not come up:\n" + _tail(log)
             time.sleep(0.3)
-        for url, path in ((boards.mlflow, "/health"), (boards.tensorboard, "/data/logdir")):
+        answer = [(boards.mlflow, "/health")] + ([(boards.tensorboard, "/data/logdir")] if _has_tensorboard() else [])
+        for url, path in answer:
             assert httpx.get(url + path, timeout=10).status_code == 200, url
         boards.group = psutil.Process(proc.pid).children(recursive=True)
         yield boards
@@ -413,6 +420,11 @@ def test_dashboards_prints_both_and_ctrl_c_stops_them(search, dashboards):
     Ctrl-C stops both servers and the processes they started, and their ports stop answering."""
     import httpx
 
+    if not _has_tensorboard():
+        msg = "the tensorboard package is not installed (a dependency: make setup installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + " - required under CI")
+        pytest.skip(msg)
     text = dashboards.log.read_text()
     assert f"MLflow UI:   {dashboards.mlflow}" in text and f"TensorBoard: {dashboards.tensorboard}" in text, text
     assert f"--backend-store-uri sqlite:///{search.workspace / 'mlflow.db'}" in text
