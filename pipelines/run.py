@@ -13,7 +13,8 @@ from rich.table import Table
 from pipelines import tracking
 from pipelines.progress import training_progress
 from pipelines.spec import PipelineSpec
-from workers.stages import build_artifact, check_inputs, ensure_ray, evaluate_artifact, launch_training
+from workers import cluster, timeline
+from workers.stages import build_artifact, check_inputs, ensure_ray, evaluate, launch_training
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +30,30 @@ class RunResult:
     timings: dict = field(default_factory=dict)
     url: str | None = None
     samples: list[dict] = field(default_factory=list)
+    worker_timelines: dict[int, dict] = field(default_factory=dict)
 
 
 def train_and_register(spec: PipelineSpec, spec_dict: dict, console: Console, *,
                        register: bool = True) -> RunResult:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    # on the head `adapterflow up` keeps, connecting costs little and the checks run on a warm worker;
+    # otherwise check first, so a wrong path fails before Ray starts
+    connect_first = spec.ray_address is None and cluster.head_address() is not None
+    dashboard = ensure_ray(spec) if connect_first else None
+    if connect_first:
+        timeline.mark("ray_ready")
     check_inputs(spec)
+    timeline.mark("inputs_checked")
     uri = tracking.setup(spec)
+    timeline.mark("mlflow_setup")
     run_id = tracking.start_run(spec, spec_dict)
+    timeline.mark("mlflow_run_started")
     console.print(f"[bold]MLflow[/] run {run_id} in {uri}")
     console.print(f"  look: mlflow ui --backend-store-uri {uri}")
-    dashboard = ensure_ray(spec)
+    if not connect_first:
+        dashboard = ensure_ray(spec)
+        timeline.mark("ray_ready")
     if dashboard:
         console.print(f"[bold]Ray[/] dashboard: http://{dashboard}")
     timings["setup_s"] = time.perf_counter() - t0
@@ -57,23 +70,29 @@ def train_and_register(spec: PipelineSpec, spec_dict: dict, console: Console, *,
                       f"{m.get('trainable_params')} trainable of {m.get('total_params')} parameters")
         adapter_dir = build_artifact(spec, outcome.checkpoint,
                                      spec.workspace_path() / "adapters" / run_id)
+        timeline.mark("artifact_built")
         with console.status("evaluating..."):
             t = time.perf_counter()
-            report = evaluate_artifact(spec, adapter_dir)
+            report = evaluate(spec, adapter_dir)
             timings["eval_s"] = time.perf_counter() - t
+        timeline.mark("evaluated")
         print_report(console, report)
         tracking.log_results(run_id, outcome.history, report, outcome.metrics)
+        timeline.mark("results_logged")
         reg = None
         if register:
             t = time.perf_counter()
             reg = tracking.log_and_register(run_id, adapter_dir, spec, report)
             timings["register_s"] = time.perf_counter() - t
+            timeline.mark("registered")
             verdict = "[green]moved[/]" if reg.moved else "[yellow]stays[/]"
             console.print(f"registered {reg.name} version {reg.version}; @{reg.alias} {verdict}: {reg.reason}")
         status = "FINISHED"
-        return RunResult(run_id, adapter_dir, report, reg, outcome.metrics, outcome.history, timings)
+        return RunResult(run_id, adapter_dir, report, reg, outcome.metrics, outcome.history, timings,
+                         worker_timelines=outcome.timelines)
     finally:
         tracking.end_run(run_id, status)
+        timeline.mark("run_ended")
 
 
 def print_report(console: Console, report: dict) -> None:

@@ -7,6 +7,7 @@ import pytest
 from workers.common import quiet_environment
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing from a hub at run time
+os.environ["ADAPTERFLOW_NO_UP"] = "1"  # a developer's `adapterflow up` head never runs the suite's jobs
 quiet_environment()
 
 API_KEY_ENV = "ADAPTERFLOW_TEST_API_KEY"

@@ -179,15 +179,59 @@ def label_index(value: Any, model: ModelSpec) -> int:
 
 
 # ---------------------------------------------------------------- tokenized examples
-@dataclass
+@dataclass(frozen=True)
 class Example:
     input_ids: list[int]
     labels: int | list[int]
 
 
+# Tokenized examples per process (a Tune actor's next trial, a warm worker's next job tokenize the same
+# records again): keyed by the records' content, everything in the spec that shapes an example, and
+# the tokenizer (its files, vocabulary size and special ids). Examples are frozen and only read.
+_ENCODED_ENTRIES = 8
+_encoded: dict[str, list[Example]] = {}
+encode_stats = {"hits": 0, "misses": 0}
+
+
+def _tokenizer_key(tokenizer) -> list:
+    added = sorted((str(k), int(v)) for k, v in getattr(tokenizer, "added_tokens_encoder", {}).items())
+    source = Path(str(getattr(tokenizer, "name_or_path", "")))
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.iterdir()
+                   if f.is_file()) if source.is_dir() else []
+    return [type(tokenizer).__name__, str(source), files, len(tokenizer),
+            tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id,
+            getattr(tokenizer, "padding_side", None), getattr(tokenizer, "truncation_side", None), added]
+
+
+def _encode_key(records: list[dict], data: DataSpec, model: ModelSpec, tokenizer) -> str:
+    import hashlib
+
+    shape = [input_template(data), data.target_template, data.label_field, data.max_length, model.task,
+             model.prompt_format, sorted(model.labels().items()) if model.task == "seq-cls" else None,
+             _tokenizer_key(tokenizer)]
+    h = hashlib.sha256(json.dumps(shape, default=str).encode())
+    h.update(json.dumps(records, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def encode(records: list[dict], data: DataSpec, model: ModelSpec, tokenizer) -> list[Example]:
+    """Tokenized examples of `records` (seq-cls: the rendered input and its class index; causal LM: the
+    prompt and target ids, the loss masked on the prompt); remembered per process."""
     if not records:
         return []
+    key = _encode_key(records, data, model, tokenizer)
+    if key in _encoded:
+        encode_stats["hits"] += 1
+        return list(_encoded[key])
+    encode_stats["misses"] += 1
+    out = _encode(records, data, model, tokenizer)
+    if len(_encoded) >= _ENCODED_ENTRIES:
+        _encoded.pop(next(iter(_encoded)))
+    _encoded[key] = out
+    return list(out)
+
+
+def _encode(records: list[dict], data: DataSpec, model: ModelSpec, tokenizer) -> list[Example]:
     tmpl = input_template(data)
     if model.task == "seq-cls":
         if data.label_field not in records[0]:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workers import timeline
 from workers.common import quiet_environment
 from workers.errors import DataError, ResourceError, TrainingError
 
@@ -24,14 +25,19 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray(spec):
-    """Connect to the spec's cluster, or start a local Ray instance; return the dashboard URL."""
+    """Connect to the spec's cluster, else to the local head `adapterflow up` started (workers.cluster),
+    else start an embedded local Ray instance; return the dashboard URL."""
     import ray
 
+    from workers import cluster
+
+    timeline.mark("import_ray")
     env = quiet_environment()
     if ray.is_initialized():
         return None
+    address = spec.ray_address or cluster.head_address()
     ctx = ray.init(
-        address=spec.ray_address,
+        address=address,
         runtime_env={"env_vars": env},
         logging_level=logging.WARNING,
         log_to_driver=os.environ.get("ADAPTERFLOW_WORKER_LOGS", "0") == "1",
@@ -49,10 +55,26 @@ def check_inputs(spec) -> None:
     if Path(spec.data.path).expanduser().exists() or looks_local(spec.data.path):
         if not load_split(spec.data, spec.data.train_split):
             raise DataError(f"data.path {spec.data.path!r}: split {spec.data.train_split!r} is missing or empty")
-    _precheck_adapter(spec)
+    if not _on_warm_worker("precheck", _worker_json(spec)):
+        precheck_adapter(spec)
 
 
-def _precheck_adapter(spec) -> None:
+def _worker_json(spec) -> dict:
+    return spec.model_dump(mode="json", include={"name", "workspace", "plugins", "model", "data", "adapter", "train"})
+
+
+def _on_warm_worker(method: str, *args):
+    """`method` run on a warm worker of the `adapterflow up` head this driver is connected to (a process
+    that has imported torch, transformers and PEFT already); False when there is none free to run it."""
+    from workers import warm
+
+    if warm.pool_size() == 0:
+        return False
+    result = warm.call(method, *args)
+    return False if warm.not_warm(result) else (True if result is None else result)
+
+
+def precheck_adapter(spec) -> None:
     """Adapter parameters that depend on the model's shapes (e.g. sparsity bounds, a quantization
     group size) checked by the method on a weightless (meta-device) copy of the model, before Ray
     starts. A model whose config cannot be read here (a hub id not cached) is checked by the workers."""
@@ -154,16 +176,15 @@ class TrainOutcome:
     metrics: dict
     history: list[dict] = field(default_factory=list)
     wall_seconds: float = 0.0
+    timelines: dict[int, dict] = field(default_factory=dict)  # each rank's marks (workers.timeline)
 
 
 def launch_training(spec, *, mlflow_cfg: dict | None = None, run_name: str | None = None,
                     resume_from: str | None = None, progress=None) -> TrainOutcome:
     """Train on Ray Train (`train.num_workers` DeepSpeed workers; 0 = local mode, in-process) and
     return the final checkpoint, its metrics and the loss history. `progress`: a progress board
-    (workers/progress.py) rank 0 posts to."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    (workers/progress.py) rank 0 posts to. On an `adapterflow up` head, a job that fits its warm
+    workers trains there (workers.warm) instead."""
     from workers.ds_config import worker_env
     from workers.train_loop import HISTORY_FILE, train_loop_per_worker
 
@@ -172,6 +193,14 @@ def launch_training(spec, *, mlflow_cfg: dict | None = None, run_name: str | Non
     storage = spec.workspace_path() / "ray_results"
     config = {"spec": spec.model_dump(mode="json"), "mlflow": mlflow_cfg, "resume_from": resume_from,
               "progress": progress}
+    if t.num_workers >= 1:
+        outcome = _train_warm(spec, config, storage / run_name)
+        if outcome is not None:
+            return outcome
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    timeline.mark("import_ray_train")
     if t.num_workers == 0:  # local mode: Ray does not persist checkpoints, the loop does
         config["checkpoint_root"] = str(storage / run_name / "local")
         for k, v in worker_env(t).items():
@@ -192,14 +221,39 @@ def launch_training(spec, *, mlflow_cfg: dict | None = None, run_name: str | Non
         ),
     )
     preflight(spec)
+    timeline.mark("trainer_built")
     start = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - start
+    timeline.mark("fit")
     if result.checkpoint is None:
         raise TrainingError(f"training run {run_name} ended without a checkpoint: {result.error}")
     path = Path(result.checkpoint.path)
     history = json.loads((path / HISTORY_FILE).read_text()) if (path / HISTORY_FILE).is_file() else []
-    return TrainOutcome(path, dict(result.metrics or {}), history, wall)
+    return TrainOutcome(path, dict(result.metrics or {}), history, wall, timeline.read_all(path))
+
+
+def _train_warm(spec, config: dict, run_dir: Path) -> TrainOutcome | None:
+    """The run on the warm workers of an `adapterflow up` head (workers.warm), or None (Ray Train runs it)."""
+    from workers import warm
+    from workers.train_loop import HISTORY_FILE
+
+    if not warm.fits(spec):
+        return None
+    preflight(spec)
+    timeline.mark("trainer_built")
+    start = time.perf_counter()
+    result = warm.train(spec, config, run_dir)
+    if result is None:
+        log.info("the warm workers are busy: training on Ray Train workers")
+        return None
+    wall = time.perf_counter() - start
+    timeline.mark("fit")
+    if result["checkpoint"] is None:
+        raise TrainingError(f"training run {run_dir.name} ended without a checkpoint")
+    path = Path(result["checkpoint"])
+    history = json.loads((path / HISTORY_FILE).read_text()) if (path / HISTORY_FILE).is_file() else []
+    return TrainOutcome(path, dict(result["metrics"]), history, wall, timeline.read_all(path))
 
 
 def latest_local_checkpoint(spec, run_name: str) -> Path | None:
@@ -237,6 +291,13 @@ def build_artifact(spec, checkpoint: Path, dst: Path) -> Path:
     write_manifest(dst, method=spec.adapter.method, model=model, base_sha256=base_fingerprint(spec.model),
                    extra=extra)
     return dst
+
+
+def evaluate(spec, adapter_dir: Path, *, holdout: bool = False) -> dict:
+    """`evaluate_artifact` on a warm worker of the `adapterflow up` head when there is one free (this
+    process then needs no torch), else here."""
+    report = _on_warm_worker("evaluate", _worker_json(spec), str(adapter_dir), holdout, os.cpu_count() or 1)
+    return report if report else evaluate_artifact(spec, adapter_dir, holdout=holdout)
 
 
 def evaluate_artifact(spec, adapter_dir: Path, threads: int | None = None, *, holdout: bool = False) -> dict:

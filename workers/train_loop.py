@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from workers import timeline
 from workers.errors import DataError, SpecError
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,11 @@ def _load_rng(directory: Path, rank: int) -> None:
 
 
 @contextlib.contextmanager
-def _process_group(backend: str):
-    """Ray Train sets up torch.distributed on its workers. In local mode (no workers) make a
-    1-process group for DeepSpeed, with the launcher variables it checks, and take both down
-    afterwards so the next local run in this process starts clean."""
+def process_group(backend: str, rank: int = 0, world: int = 1, rendezvous: tuple[str, int] | None = None):
+    """Ray Train sets up torch.distributed on its workers. Elsewhere (local mode, a warm worker of
+    `workers.warm`) make the group here: 1 process, or `world` processes of one machine meeting at
+    `rendezvous` (rank 0's address and port), with the launcher variables DeepSpeed checks, and take
+    both down afterwards so the next run in this process starts clean."""
     import socket
 
     import torch.distributed as dist
@@ -90,14 +92,16 @@ def _process_group(backend: str):
     if dist.is_initialized():
         yield
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    if rendezvous is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            rendezvous = ("127.0.0.1", s.getsockname()[1])
+    addr, port = rendezvous
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+           "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world)
     try:
         yield
     finally:
@@ -147,6 +151,9 @@ def build_trainable(spec, seed: int):
 
     set_seed(seed)
     tok = load_tokenizer(spec.model)
+    # loaded afresh for every run, also in a process that trains run after run (a Tune actor, a warm
+    # worker): from the page cache that is faster than copying a kept model (0.05 s against 0.2-2 s
+    # for MiniLM here), and no run can see weights another trained
     model = load_model(spec.model, tok)
     torch.manual_seed(seed)
     model = attach(model, spec.adapter, spec.model.task, tokenizer=tok, prompt_format=spec.model.prompt_format)
@@ -193,23 +200,35 @@ def run_training(config: dict, session) -> None:
     """The training loop on one worker: `config` holds the spec (as JSON data), the MLflow run to
     log step metrics to, and the local checkpoint root (None under Ray Train, which persists
     reported checkpoints itself); `session` is where it reports and resumes from."""
+    tl = timeline.start_process_timeline([])
+    timeline.mark("loop_entry", tl)
+    preloaded = timeline.loaded_heavy_modules()
     import torch
 
+    timeline.mark("import_torch", tl)
     from workers.spec_view import WorkerSpec
 
     spec = WorkerSpec.model_validate(config["spec"])
     train = spec.train
     threads = train.threads_per_worker or max(1, int(train.worker_resources().get("CPU", 1)))
     torch.set_num_threads(threads)
-    with _process_group(train.resolved_backend()):
-        _train(config, spec, session)
+    with process_group(train.resolved_backend(), session.rank, session.world, getattr(session, "rendezvous", None)):
+        timeline.mark("process_group", tl)
+        _train(config, spec, session, tl, preloaded)
 
 
-def _train(config: dict, spec, session) -> None:
+def _train(config: dict, spec, session, tl: list, preloaded: list[str]) -> None:
+    import transformers  # noqa: F401  (each heavy import timed on its own)
+
+    timeline.mark("import_transformers", tl)
+    import peft  # noqa: F401
+
+    timeline.mark("import_peft", tl)
     import deepspeed
     import torch
     import torch.distributed as dist
 
+    timeline.mark("import_deepspeed", tl)
     from workers.data import BatchPlan, collate, encode, load_train_eval
     from workers.ds_config import build_ds_config
     from workers.methods import method_of
@@ -218,8 +237,10 @@ def _train(config: dict, spec, session) -> None:
     train, rank, world = spec.train, session.rank, session.world
     method = method_of(spec.adapter)
     tok, model = build_trainable(spec, train.seed)
+    timeline.mark("model_built", tl)
     train_records, _ = load_train_eval(spec.data, train.seed)
     examples = encode(train_records, spec.data, spec.model, tok)
+    timeline.mark("data_tokenized", tl)
     per_epoch, total_steps = plan_steps(len(examples), train)
     plan = BatchPlan(len(examples), train.global_batch_size, world, train.grad_accum, train.seed)
     trainable, total_params = method.count_parameters(model)
@@ -237,6 +258,7 @@ def _train(config: dict, spec, session) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    timeline.mark("deepspeed_init", tl)
 
     start_step, history, resumed_from = 0, [], -1
     with session.checkpoint() as d:
@@ -256,7 +278,10 @@ def _train(config: dict, spec, session) -> None:
     progress.post(step=start_step, total_steps=total_steps, started_at=time.time(), start_step=start_step)
     pad_id = tok.pad_token_id
     engine.train()
+    timeline.mark("loop_start", tl)
     t0 = time.perf_counter()
+    score_s = 0.0  # time spent scoring the model at checkpoints (a search's held-out evaluation)
+    report_s = 0.0  # time reports waited (Ray Train persisting a checkpoint, Tune's driver taking a result)
     window_start, window_steps = t0, 0
     for step in range(start_step, total_steps):
         loss_sum = torch.zeros(())
@@ -284,6 +309,8 @@ def _train(config: dict, spec, session) -> None:
                           epoch=record["epoch"])
         last = done == total_steps
         if done % train.checkpoint_every == 0 or last:
+            if last:
+                timeline.mark("loop_end", tl)
             metrics = {"step": done, "loss": float(loss), "trainable_params": trainable,
                        "total_params": total_params, "total_steps": total_steps}
             with _checkpoint_dir(config.get("checkpoint_root"), done, rank, train.keep) as tmpdir:
@@ -296,15 +323,26 @@ def _train(config: dict, spec, session) -> None:
                     with _gathered(engine, train.zero_stage):
                         if rank == 0:
                             method.save(engine.module, tmpdir / FINAL_ADAPTER_DIR, spec.adapter)
-                    metrics["train_seconds"] = time.perf_counter() - t0
                     metrics["resumed_from_step"] = resumed_from
+                    timeline.mark("final_saved", tl)
                 if rank == 0:
                     (tmpdir / HISTORY_FILE).write_text(json.dumps(history))
+                    s0 = time.perf_counter()
                     scores = session.score(engine.module, tok)
                     if scores:  # evaluated the model being trained: back to training mode
                         metrics.update(scores)
                         engine.train()
+                        score_s += time.perf_counter() - s0
+                        metrics["eval_seconds"] = score_s
+                # the loop's wall so far without scoring and the waits of earlier reports (in every
+                # report: a stopped trial has one too); train_seconds + report_seconds is the loop's wall
+                metrics["train_seconds"] = time.perf_counter() - t0 - score_s - report_s
+                metrics["report_seconds"] = report_s
+                if last:
+                    timeline.write(tmpdir, rank, tl, {"preloaded": preloaded})
+                r0 = time.perf_counter()
                 session.report(metrics, tmpdir)
+                report_s += time.perf_counter() - r0
     tracker.close()
 
 
@@ -320,8 +358,9 @@ def _checkpoint_dir(root: str | None, step: int, rank: int, keep: int):
     d = base / f"checkpoint_{step:07d}"
     d.mkdir(parents=True, exist_ok=True)
     yield d
-    for old in sorted(base.glob("checkpoint_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:  # ranks of one machine share the folder: one of them prunes
+        for old in sorted(base.glob("checkpoint_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class _Tracker:
