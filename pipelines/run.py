@@ -63,7 +63,8 @@ def train_and_register(spec: PipelineSpec, spec_dict: dict, console: Console, *,
                  f"ZeRO-{spec.train.zero_stage}")
         with training_progress(console, label) as board:
             t = time.perf_counter()
-            outcome = launch_training(spec, mlflow_cfg={"tracking_uri": uri, "run_id": run_id}, progress=board)
+            outcome = launch_training(spec, mlflow_cfg={"tracking_uri": uri, "run_id": run_id,
+                                                                    "flush_s": spec.track.flush_timeout_s}, progress=board)
             timings["train_s"] = time.perf_counter() - t
         m = outcome.metrics
         console.print(f"trained {m.get('step')} steps, final loss {m.get('loss', float('nan')):.4f}, "
@@ -77,7 +78,15 @@ def train_and_register(spec: PipelineSpec, spec_dict: dict, console: Console, *,
             timings["eval_s"] = time.perf_counter() - t
         timeline.mark("evaluated")
         print_report(console, report)
-        tracking.log_results(run_id, outcome.history, report, outcome.metrics)
+        backlog = outcome.metrics.pop("tracking_backlog", [])
+        if outcome.metrics.get("tracking_failures"):
+            console.print(f"[yellow]MLflow[/] did not answer {outcome.metrics['tracking_failures']} write(s) during "
+                          f"training; {len(backlog)} step metrics held back are sent now")
+        try:
+            tracking.log_results(run_id, outcome.history, report, outcome.metrics, backlog=backlog)
+        except Exception as e:
+            raise tracking.unreachable(uri, run_id, adapter_dir, e, history=outcome.history, report=report,
+                                       backlog=backlog) from e
         timeline.mark("results_logged")
         reg = None
         if register:
@@ -91,7 +100,10 @@ def train_and_register(spec: PipelineSpec, spec_dict: dict, console: Console, *,
         return RunResult(run_id, adapter_dir, report, reg, outcome.metrics, outcome.history, timings,
                          worker_timelines=outcome.timelines)
     finally:
-        tracking.end_run(run_id, status)
+        try:
+            tracking.end_run(run_id, status)
+        except Exception as e:  # noqa: BLE001 - the store is away: the error that ended the run says what to do
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, e)
         timeline.mark("run_ended")
 
 

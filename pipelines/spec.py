@@ -47,6 +47,10 @@ class TrackSpec(StrictModel):
         None, description="Metric deciding the alias (default: accuracy for seq-cls, eval_loss for causal-lm)."
     )
     greater_is_better: bool | None = Field(None, description="Direction of selection_metric.")
+    flush_timeout_s: float = Field(
+        30.0, ge=0, description="At the end of training, how long rank 0 waits for step metrics that an "
+        "unreachable tracking server held back; what is still unsent then, the driver sends with the results.",
+    )
 
     def selection(self, task: str) -> tuple[str, bool]:
         metric, greater = DEFAULT_SELECTION[task]

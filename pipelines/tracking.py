@@ -77,22 +77,45 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     mlflow.MlflowClient().set_terminated(run_id, status=status)
 
 
-def log_results(run_id: str, history: list[dict], report: dict, train_metrics: dict) -> None:
+def log_results(run_id: str, history: list[dict], report: dict, train_metrics: dict,
+                backlog: list | None = None) -> None:
+    """The run's results: evaluation scores, parameter counts, the history and loss curve, and first the
+    step metrics rank 0 could not send while the tracking server was away (`backlog`: (key, value,
+    timestamp, step) lists; sent as they were logged, so what did arrive is not doubled)."""
     import mlflow
 
+    from workers.metric_sender import send
+
+    if backlog:
+        send(mlflow.MlflowClient(), run_id, [tuple(m) for m in backlog])
     with mlflow.start_run(run_id=run_id):
         scalars = {k: float(v) for k, v in report.items() if isinstance(v, (int, float))}
         mc = report.get("monte_carlo") or {}
         scalars.update({f"mc_{k}": float(v) for k, v in mc.items()
                         if isinstance(v, (int, float)) and k not in ("samples", "seed")})
         mlflow.log_metrics(scalars)
-        for k in ("trainable_params", "total_params", "train_seconds"):
+        for k in ("trainable_params", "total_params", "train_seconds", "tracking_failures"):
             if k in train_metrics:
                 mlflow.log_metric(k, float(train_metrics[k]))
         mlflow.log_dict(report, "evaluation.json")
         mlflow.log_dict({"history": history}, "train_history.json")
         if history:
             mlflow.log_figure(loss_curve(history), "loss_curve.png")
+
+
+def unreachable(uri: str, run_id: str, adapter_dir: Path, error: Exception, **results):
+    """The error for a tracking server that stayed away after training: the results it missed are
+    written beside the adapter, and the message says where both are."""
+    from workers.errors import TrackingError
+
+    saved = Path(adapter_dir).with_name(f"{Path(adapter_dir).name}.results.json")
+    saved.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri, **results}, indent=1, default=str))
+    return TrackingError(
+        f"MLflow at {uri} did not answer after training ({type(error).__name__}: {str(error)[:300]}).\n"
+        f"Nothing trained is lost: the adapter is in {adapter_dir} (serve it: adapterflow serve {adapter_dir}),\n"
+        f"and the results run {run_id} did not get (evaluation, step metrics, history) are in {saved}.\n"
+        "Start the tracking server again, or check track.tracking_uri, and rerun to register."
+    )
 
 
 def loss_curve(history: list[dict]):

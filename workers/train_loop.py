@@ -324,6 +324,7 @@ def _train(config: dict, spec, session, tl: list, preloaded: list[str]) -> None:
                         if rank == 0:
                             method.save(engine.module, tmpdir / FINAL_ADAPTER_DIR, spec.adapter)
                     metrics["resumed_from_step"] = resumed_from
+                    metrics.update(tracker.close())  # before the last report: the driver sends any backlog
                     timeline.mark("final_saved", tl)
                 if rank == 0:
                     (tmpdir / HISTORY_FILE).write_text(json.dumps(history))
@@ -343,7 +344,7 @@ def _train(config: dict, spec, session, tl: list, preloaded: list[str]) -> None:
                 r0 = time.perf_counter()
                 session.report(metrics, tmpdir)
                 report_s += time.perf_counter() - r0
-    tracker.close()
+    tracker.close()  # a run with no steps left (resumed at its end)
 
 
 @contextlib.contextmanager
@@ -364,29 +365,31 @@ def _checkpoint_dir(root: str | None, step: int, rank: int, keep: int):
 
 
 class _Tracker:
-    """Rank 0 logs step metrics to the pipeline's MLflow run (the only writer during training)."""
+    """Rank 0 logs step metrics to the pipeline's MLflow run (the only writer during training), through
+    a sender that never stops the loop when the tracking server is away (workers.metric_sender)."""
 
     def __init__(self, cfg: dict | None, rank: int):
-        self.client = None
+        self.sender = None
         if cfg and rank == 0:
             from mlflow import MlflowClient
 
-            self.client = MlflowClient(tracking_uri=cfg["tracking_uri"])
-            self.run_id = cfg["run_id"]
+            from workers.metric_sender import MetricSender
+
+            self.sender = MetricSender(MlflowClient(tracking_uri=cfg["tracking_uri"]), cfg["run_id"])
+            self.flush_s = float(cfg.get("flush_s", 30.0))
 
     def log(self, records: list[dict]) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
+        if self.sender is not None:
+            self.sender.log(records)
 
-        ts = int(time.time() * 1000)
-        metrics = [
-            Metric(f"train/{k}", float(v), ts, int(r["step"]))
-            for r in records
-            for k, v in r.items()
-            if k != "step"
-        ]
-        self.client.log_batch(self.run_id, metrics=metrics)
-
-    def close(self) -> None:
-        self.client = None
+    def close(self) -> dict:
+        """Final metrics about the sending: what is still unsent (the driver sends it) and how often
+        the store failed."""
+        if self.sender is None:
+            return {}
+        sender, self.sender = self.sender, None
+        backlog = sender.close(self.flush_s)
+        out = {"tracking_failures": sender.failures}
+        if backlog:
+            out["tracking_backlog"] = [list(m) for m in backlog]
+        return out
