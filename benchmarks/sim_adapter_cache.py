@@ -307,7 +307,7 @@ class Config:
 
 class Replica:
     __slots__ = ("idx", "cache", "pins", "waiting", "verify_q", "verifying", "engine_q", "batch_q", "busy",
-                 "window_open", "outstanding", "busy_s", "verify_s")
+                 "window_open", "outstanding", "busy_s", "verify_s", "largest")
 
     def __init__(self, idx: int, capacity: int):
         self.idx = idx
@@ -323,6 +323,7 @@ class Replica:
         self.outstanding = 0
         self.busy_s = 0.0
         self.verify_s = 0.0
+        self.largest = 0  # the largest batch run
 
 
 class Simulation:
@@ -462,6 +463,7 @@ class Simulation:
             return
         batch = [r.batch_q.popleft() for _ in range(min(cfg.max_batch, len(r.batch_q)))]
         r.busy = True
+        r.largest = max(r.largest, len(batch))
         step = self.costs.step(len(batch))
         r.busy_s += step
         self._at(self.now + step, self._stepped, r, batch)
