@@ -44,9 +44,14 @@ def test_lru_never_evicts_a_pinned_adapter():
     cache = sim.LRU(2)
     cache.add("a")
     cache.add("b")
-    assert cache.add("c", pins={"a": 1}) == ["b"]
-    assert cache.add("d", pins={"a": 1, "c": 2}) == []  # every other one pinned: over the bound
-    assert list(cache.items) == ["a", "c", "d"]
+    cache.pin("a")
+    assert cache.add("c") == ["b"]
+    cache.pin("c", 2)
+    assert cache.add("d") == []  # every other one pinned: over the bound
+    assert cache.order() == ["a", "c", "d"]
+    cache.unpin("a")
+    assert cache.add("e") == ["a", "d"]  # back within the bound at the next load; "c" still pinned
+    assert cache.order() == ["c", "e"]
 
 
 def test_zipf_sampling_follows_the_formula():
@@ -111,10 +116,10 @@ def test_batches_hold_at_most_max_batch_and_every_request_is_answered():
     cfg = sim.Config(routing="random", adapters=100, replicas=2, cache=8, requests=3000, load=0.9, seed=1)
     run = sim.Simulation(cfg, COSTS).run()
     assert not np.isnan(run.done).any()
-    assert all(r.outstanding == 0 and not r.pins and not r.waiting for r in run.replicas)
+    assert all(r.outstanding == 0 and not r.cache.pins and not r.waiting for r in run.replicas)
     assert max(r.largest for r in run.replicas) == cfg.max_batch  # full batches under this load, never more
     for r in run.replicas:  # over the bound only while every other adapter was pinned: the next load restores it
-        r.cache.add("new", r.pins)
+        r.cache.add("new")
         assert len(r.cache) == cfg.cache
 
 
