@@ -13,14 +13,15 @@ split as the replica splits it: resolving and verifying the files (sha256 agains
 thread, beside the forwards) and the engine's part (PEFT's load and the eviction, under the engine's
 lock, so forwards wait for it). One batched classify step (`Engine.classify_batch`, one sentence
 per request, the requests over 4 resident LoRA adapters, so the forward mixes them) is timed at
-batch sizes 1 to 32. Each cost is the fastest of 9 (the machine is shared; medians are recorded beside).
+batch sizes 1 to 32. Each cost is the fastest of 15 (the machine is shared; medians are recorded beside).
 The row `"figure": "costs"` says which source was used.
 
 Phase 2, the model. 10,000 registered adapters requested with Zipf popularity (exponent s), Poisson
 arrivals; 16 replicas, each an LRU of C adapters, a loader that resolves and verifies one adapter at
 a time, and an engine that runs either a batched step (up to 32 requests, after a 5 ms wait for
 more: `serve.batching.Batcher`) or an adapter load's engine part. Requests pin their adapter from
-arrival to answer (a pinned adapter is never evicted, as in `serve/cache.py`). Load is given as a
+arrival to answer (a pinned adapter is never evicted, as in `serve/cache.py`). The caches are filled
+first by an untimed light-traffic pass (30 x replicas x C requests routed by the policy). Load is given as a
 fraction of the cluster's capacity at full batches with every request a hit. Routing policies:
 
 - `random`: a replica drawn uniformly.
@@ -143,7 +144,7 @@ def _write_adapter(example: str, tmp: Path, families_seen: dict) -> tuple[Path, 
     return folder, spec.model.model_dump(mode="json")
 
 
-def measure_costs(repeats: int = 9) -> Costs:
+def measure_costs(repeats: int = 15) -> Costs:
     """Phase 1 on this machine (see the module's docstring)."""
     import asyncio
     import os
@@ -209,7 +210,9 @@ def measure_costs(repeats: int = 9) -> Costs:
     detail["median_load_s_by_family"] = {m: round(v["median_total_s"], 5) for m, v in loads.items()}
     detail["verify_s_by_family"] = {m: round(v["verify_s"], 5) for m, v in loads.items()}
     detail["adapter_bytes_by_family"] = sizes
-    return Costs(lora["verify_s"], max(lora["total_s"] - lora["verify_s"], 0.0), steps,
+    # rounded as the costs row records them, so that `--costs` on a results file gives the same rows
+    return Costs(round(lora["verify_s"], 5), round(max(lora["total_s"] - lora["verify_s"], 0.0), 5),
+                 {b: round(t, 5) for b, t in steps.items()},
                  source="measured here: real replica code (serve.cache.AdapterCache, workers.inference.Engine) on "
                         "all-MiniLM-L6-v2, CPU, LoRA r=8 query/value", detail=detail)
 
@@ -344,6 +347,7 @@ class Config:
     max_ongoing: int = 64  # Ray Serve's per-replica cap the project sets (serve.max_ongoing_requests)
     bound: float = 1.25  # affinity: the preferred replica takes a request below bound x the mean outstanding
     seed: int = 0
+    prewarm: int | None = None  # requests routed, untimed, to fill the caches first (None: 30 x replicas x cache)
     record_routes: bool = False
 
 
@@ -378,8 +382,8 @@ class Simulation:
         self.rate = cfg.load * cfg.replicas * cfg.max_batch / costs.step(cfg.max_batch)
         self.arrivals = np.cumsum(rng.exponential(1.0 / self.rate, cfg.requests))
         # the popularity ranks land on adapter ids by a seeded permutation: ids carry no popularity
-        perm = rng.permutation(cfg.adapters)
-        self.adapter_of = perm[zipf_sample(rng, cfg.adapters, cfg.zipf_s, cfg.requests)]
+        self.perm = rng.permutation(cfg.adapters)
+        self.adapter_of = self.perm[zipf_sample(rng, cfg.adapters, cfg.zipf_s, cfg.requests)]
         self.order = rendezvous_order(cfg.adapters, cfg.replicas) if cfg.routing == "affinity" else None
         self.rand = random.Random(cfg.seed * 1_000_003 + 17)
         self.replicas = [Replica(i, cfg.cache) for i in range(cfg.replicas)]
@@ -430,7 +434,23 @@ class Simulation:
         self.seq += 1
         heapq.heappush(self.heap, (t, self.seq, fn, args))
 
+    def prewarm(self) -> None:
+        """Fill the caches as light traffic would: requests of another seeded draw of the same mix,
+        each routed by the policy with nothing outstanding and loaded at once, untimed and uncounted
+        (a cache of C over a replica's share of 625 adapters takes far more than the timed run's
+        warm-up to fill)."""
+        cfg = self.cfg
+        n = min(200_000, 30 * cfg.replicas * cfg.cache) if cfg.prewarm is None else cfg.prewarm
+        if n <= 0:
+            return
+        rng = np.random.default_rng([cfg.seed, 1])
+        for a in self.perm[zipf_sample(rng, cfg.adapters, cfg.zipf_s, n)].tolist():
+            cache = self.route(a).cache
+            if not cache.touch(a):
+                cache.add(a)
+
     def run(self) -> Simulation:
+        self.prewarm()
         for i, t in enumerate(self.arrivals):
             self._at(float(t), self._arrive, i)
         while self.heap:
@@ -539,7 +559,8 @@ class Simulation:
                 "loads_per_s": round(loads / window, 2), "loads_per_request": round(loads / (cfg.requests - first), 4),
                 "requests_per_s": round(self.rate, 1), "busiest_engine_utilisation": round(busy, 3),
                 "drain_s": round(end - t1, 3), "saturated": self._saturated(end - t1),
-                "replicas": cfg.replicas, "adapters": cfg.adapters, "requests": cfg.requests, "seed": cfg.seed}
+                "replicas": cfg.replicas, "adapters": cfg.adapters, "requests": cfg.requests, "seed": cfg.seed,
+                "prewarm": min(200_000, 30 * cfg.replicas * cfg.cache) if cfg.prewarm is None else cfg.prewarm}
 
 
     def _saturated(self, drain_s: float) -> bool:

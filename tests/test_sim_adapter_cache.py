@@ -29,7 +29,7 @@ def exact_lru_hits(trace, capacity):
 
 def quiet(**kw):
     """A configuration where no two requests overlap: arrivals far apart against the costs."""
-    base = dict(adapters=50, replicas=4, cache=5, requests=400, load=1e-5, warmup=0.0, zipf_s=0.9, seed=3)
+    base = dict(adapters=50, replicas=4, cache=5, requests=400, load=1e-5, warmup=0.0, zipf_s=0.9, seed=3, prewarm=0)
     return sim.Config(**{**base, **kw})
 
 
@@ -106,7 +106,7 @@ def test_loads_are_the_misses_of_each_replicas_own_trace(routing):
 
 
 def test_concurrent_requests_for_a_missing_adapter_share_one_load():
-    cfg = sim.Config(routing="affinity", adapters=1, replicas=1, cache=1, requests=50, load=5.0, warmup=0.0)
+    cfg = sim.Config(routing="affinity", adapters=1, replicas=1, cache=1, requests=50, load=5.0, warmup=0.0, prewarm=0)
     run = sim.Simulation(cfg, COSTS).run()
     assert len(run.loads_by) == 1 and run.loads_by == [0]
     assert not np.isnan(run.done).any()
