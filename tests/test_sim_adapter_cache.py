@@ -1,5 +1,5 @@
-"""The adapter-cache simulation's logic (benchmarks/sim_adapter_cache.py), on fixed costs: no model,
-no Ray; a few seconds. The LRU against an exact stack-distance computation, Zipf sampling against
+"""The adapter-cache simulation's logic (benchmarks/cache_model.py, run by benchmarks/sim_adapter_cache.py),
+on fixed costs: no model, no Ray; a few seconds. The LRU against an exact stack-distance computation, Zipf sampling against
 its formula, affinity routing, load counting, determinism."""
 
 import json
@@ -12,7 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import sim_adapter_cache as sim
+import cache_model as sim
+import sim_adapter_cache
 
 COSTS = sim.Costs(load_verify_s=0.001, load_engine_s=0.02, step_s={1: 0.01, 8: 0.02, 32: 0.05})
 
@@ -151,3 +152,17 @@ def test_costs_interpolate_the_measured_steps_and_read_a_results_row(tmp_path):
     g.write_text('{"load_s": 0.1, "step_s": {"1": 0.01, "32": 0.03}, "source": "an A100"}')
     gpu = sim.read_costs(g)
     assert gpu.load_engine_s == 0.1 and gpu.load_verify_s == 0.0 and "an A100" in gpu.source
+
+
+def test_a_sweep_gives_one_row_per_cell_and_the_p8_ratio(tmp_path):
+    rows = []
+    out = sim_adapter_cache.sweep(COSTS, [1.0], [4], [0.05], ["affinity", "random", "serve"], 600, 0, rows.append)
+    cells = [r for r in rows if r["figure"] == "P8 cell"]
+    assert [r["routing"] for r in cells] == ["affinity", "random", "serve"]
+    (p8,) = out
+    assert p8["affinity_over_random_loads"] == round(cells[0]["loads_per_request"] / cells[1]["loads_per_request"], 3)
+    assert p8["met"] == (p8["affinity_over_random_loads"] <= 0.5)
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [COSTS.row(), *rows]))
+    table = sim_adapter_cache.table(f).splitlines()
+    assert len(table) == 3 and table[2].startswith("| 0.05 | 1.0 | 4 |")
