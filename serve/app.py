@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 from starlette.background import BackgroundTask
 
-from serve.http_api import STREAM, api, replica_error
+from serve.http_api import STREAM, api, replica_error, replica_lost
 from serve.schemas import (
     AdapterDeleted,
     AdapterEntry,
@@ -75,6 +75,7 @@ class Ingress:
         self.roots = list(sv.adapter_roots)
         self.registry = registry(sv.app_name)
         self.max_new_tokens = sv.max_new_tokens
+        self.replica_retries = sv.replica_retries
         self._base_names: set[str] = set()
         # with one replica per group there is nothing to choose: requests skip the router's adapter matching
         self.affine = sv.num_replicas > 1 or sv.autoscaling is not None
@@ -121,14 +122,27 @@ class Ingress:
             self.groups.update(await self.registry.routes.remote())
         return self.groups.get(name, self.default)
 
-    async def _call(self, group: str, method: str, *args, model: str | None = None):
+    async def _call(self, group: str, method: str, *args, model: str | None = None, retry: bool = False):
+        """`method` on a replica of `group`. With `retry` (requests that only compute an answer), a replica
+        that died under the request or could not be reached is not the client's failure: the request
+        goes again, up to `serve.replica_retries` times, to whichever replica Serve's router picks then
+        (it drops the dead one), with a short pause that grows."""
+        import asyncio
+
         handle = self.models[group]
         if model is not None and self.affine:
             handle = handle.options(multiplexed_model_id=model)
-        try:
-            return await getattr(handle, method).remote(*args)
-        except Exception as exc:  # noqa: BLE001 - re-raised as the replica's own error
-            raise replica_error(exc) from None
+        attempts = 1 + (self.replica_retries if retry else 0)
+        for attempt in range(attempts):
+            try:
+                return await getattr(handle, method).remote(*args)
+            except Exception as exc:  # noqa: BLE001 - re-raised as the replica's own error
+                if attempt + 1 < attempts and replica_lost(exc):
+                    log.warning("replica lost during %s (%s): sending it again (%d/%d)", method,
+                                type(exc).__name__, attempt + 1, attempts - 1)
+                    await asyncio.sleep(min(2.0, 0.1 * 2 ** attempt))
+                    continue
+                raise replica_error(exc) from None
 
     async def _each(self, method: str, *args) -> list:
         """`method` on one replica of every group."""
@@ -237,7 +251,8 @@ class Ingress:
         self._auth(request)
         self._count(len(body.inputs), "inputs")
         group = await self._group(body.adapter)
-        out = await self._call(group, "classify", body.adapter, body.inputs, body.samples, body.seed, model=body.adapter)
+        out = await self._call(group, "classify", body.adapter, body.inputs, body.samples, body.seed, model=body.adapter,
+                               retry=True)
         if out["replica"]:
             response.headers["x-adapterflow-replica"] = out["replica"]
         return {"adapter": body.adapter, "results": out["results"]}
@@ -312,7 +327,7 @@ class Ingress:
             return await self._stream(body.model, prompts, params, chunk,
                                       bool(body.stream_options and body.stream_options.include_usage))
         group = await self._group(body.model)
-        results = await self._call(group, "complete", body.model, prompts, params, model=body.model)
+        results = await self._call(group, "complete", body.model, prompts, params, model=body.model, retry=True)
         choices = []
         for i, r in enumerate(results):
             choice = {"index": i, "text": r["text"], "logprobs": None, "finish_reason": r["finish_reason"]}
@@ -339,7 +354,7 @@ class Ingress:
             return await self._stream(body.model, None, params, chunk,
                                       bool(body.stream_options and body.stream_options.include_usage), messages)
         group = await self._group(body.model)
-        (r,) = await self._call(group, "complete", body.model, None, params, messages, model=body.model)
+        (r,) = await self._call(group, "complete", body.model, None, params, messages, model=body.model, retry=True)
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
                              "logprobs": None, "finish_reason": r["finish_reason"]}],

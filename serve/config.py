@@ -54,6 +54,11 @@ class ServeSpec(StrictModel):
         64, gt=0, description="Requests a replica accepts at once (Ray Serve's default, 5, would cap every batch at 5)."
     )
     max_batch_size: int = Field(32, gt=0, description="Classify requests that may share one batch of forwards.")
+    replica_retries: int = Field(
+        3, ge=0, le=20, description="Times the ingress sends a classify or a non-streaming completion again when the "
+        "model replica it went to died or was unreachable (another replica, or the one Serve starts in its place, "
+        "answers); streams are never resent. 0: the client gets the 503.",
+    )
     batch_wait_timeout_s: float = Field(
         0.005, ge=0, description="How long a batch waits for more requests once it has one."
     )

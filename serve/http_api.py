@@ -61,6 +61,9 @@ async def _unexpected(request: Request, exc: Exception):
         return await _platform_error(request, exc)
     if isinstance(exc, BackPressureError):
         return error(503, "overloaded", "the model replicas are at their queue limit; retry shortly")
+    if replica_lost(exc):
+        return error(503, "replica_unavailable", "the model replica serving this request went away and the "
+                     "retries (serve.replica_retries) did not reach another; retry shortly")
     log.error("request failed: %s: %s", type(exc).__name__, exc)
     return error(500, "internal_error", f"the request failed on the server ({type(exc).__name__}); it was logged")
 
@@ -96,6 +99,16 @@ async def _malformed(request: Request, exc: RequestValidationError):
         parts.append(f"{loc or 'body'}: {e['msg']}")
         params.append(loc)
     return error(422, "invalid_request", "; ".join(parts), params[0] if len(params) == 1 and params[0] else None)
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Whether a handle call failed because its replica died or could not be reached (not because of
+    what the replica answered): safe to send again when the call only computes an answer."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+    if isinstance(exc, RayTaskError):  # the replica ran the request and raised: its own answer
+        return False
+    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
 
 
 def replica_error(exc: BaseException) -> BaseException:
