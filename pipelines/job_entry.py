@@ -1,0 +1,74 @@
+"""The entrypoint of a Ray job: `python -m pipelines.job_entry [--bundle NAME] COMMAND [ARGS ...]`.
+
+`adapterflow submit` runs `python -m pipelines.job_entry --bundle adapterflow_job_... run`: the bundle
+(a `py_modules` package of the job) holds the validated spec and, if any, the secrets file, which is read
+into this process's environment and deleted before the command starts. The stock Ray CLI runs the same
+entrypoint with a spec inside the working dir:
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.job_entry train SPEC [--set ...]
+
+In both, the job never looks for an `adapterflow up` head (it runs on the cluster it was submitted to),
+and a spec without `track.tracking_uri` tracks to `$MLFLOW_TRACKING_URI` when the job has it (a SQLite
+store in the job's working dir would vanish with the job).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+SPEC_COMMANDS = ("run", "train", "tune", "validate")
+
+
+def load_bundle(name: str) -> Path:
+    """The bundle's folder; its secrets (if any) go into os.environ and the file is deleted."""
+    folder = Path(importlib.import_module(name).__file__).parent
+    secrets = folder / "secrets.json"
+    if secrets.is_file():
+        try:
+            values = json.loads(secrets.read_text())
+        finally:
+            secrets.unlink(missing_ok=True)
+        os.environ.update({str(k): str(v) for k, v in values.items()})
+    return folder / "spec.yaml"
+
+
+def tracking_override(args: list[str]) -> list[str]:
+    """`--set track.tracking_uri=$MLFLOW_TRACKING_URI` when the spec names no tracking URI."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri or len(args) < 2 or args[0] not in SPEC_COMMANDS or any("track.tracking_uri=" in a for a in args):
+        return []
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(args[1]).read_text())
+    except (OSError, yaml.YAMLError):
+        return []  # the command itself reports the spec's problem
+    track = data.get("track") if isinstance(data, dict) else None
+    if isinstance(track, dict) and track.get("tracking_uri"):
+        return []
+    return ["--set", f"track.tracking_uri={uri}"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("ADAPTERFLOW_NO_UP", "1")
+    if args[:1] == ["--bundle"]:
+        if len(args) < 3:
+            sys.exit("usage: python -m pipelines.job_entry --bundle NAME COMMAND [ARGS ...]")
+        spec = load_bundle(args[1])
+        args = [args[2], str(spec), *args[3:]]
+    if not args:
+        sys.exit("usage: python -m pipelines.job_entry [--bundle NAME] COMMAND [ARGS ...] (an adapterflow command)")
+    args += tracking_override(args)
+    sys.argv = ["adapterflow", *args]
+    from pipelines.cli import main as cli
+
+    cli()
+
+
+if __name__ == "__main__":
+    main()
