@@ -513,6 +513,8 @@ def submit(spec: Path, set_: SetOpt = None, address: AddressOpt = None,
     """Submit a pipeline (run, train or tune) to a Ray cluster as a Ray job: the spec is validated here first."""
     from pipelines import jobs
 
+    if no_wait and follow:
+        fail("--no-wait and --follow: choose one")
     job = jobs.submit(spec, set_, address=address, command=command, env=env, secret_env=secret_env)
     console.print(f"submitted job {job.job_id} to {job.address}", markup=False, highlight=False)
     if no_wait:

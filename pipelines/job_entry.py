@@ -7,8 +7,8 @@ entrypoint with a spec inside the working dir:
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.job_entry train SPEC [--set ...]
 
-In both, the job never looks for an `adapterflow up` head (it runs on the cluster it was submitted to),
-and a spec without `track.tracking_uri` tracks to `$MLFLOW_TRACKING_URI` when the job has it (a SQLite
+In both, the job runs on the cluster it was submitted to (never on an `adapterflow up` head, nor on a
+spec's `ray_address`), and a spec without `track.tracking_uri` tracks to `$MLFLOW_TRACKING_URI` when the job has it (a SQLite
 store in the job's working dir would vanish with the job).
 """
 
@@ -36,10 +36,11 @@ def load_bundle(name: str) -> Path:
     return folder / "spec.yaml"
 
 
-def tracking_override(args: list[str]) -> list[str]:
-    """`--set track.tracking_uri=$MLFLOW_TRACKING_URI` when the spec names no tracking URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri or len(args) < 2 or args[0] not in SPEC_COMMANDS or any("track.tracking_uri=" in a for a in args):
+def job_overrides(args: list[str]) -> list[str]:
+    """A job runs on the cluster it was submitted to (`--set ray_address=null` when the spec names one: Ray
+    gives the job its cluster's address) and tracks to `$MLFLOW_TRACKING_URI` when the spec names no
+    tracking URI."""
+    if len(args) < 2 or args[0] not in SPEC_COMMANDS:
         return []
     import yaml
 
@@ -47,10 +48,14 @@ def tracking_override(args: list[str]) -> list[str]:
         data = yaml.safe_load(Path(args[1]).read_text())
     except (OSError, yaml.YAMLError):
         return []  # the command itself reports the spec's problem
-    track = data.get("track") if isinstance(data, dict) else None
-    if isinstance(track, dict) and track.get("tracking_uri"):
+    if not isinstance(data, dict):
         return []
-    return ["--set", f"track.tracking_uri={uri}"]
+    out = ["--set", "ray_address=null"] if data.get("ray_address") else []
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    track = data.get("track") if isinstance(data.get("track"), dict) else {}
+    if uri and not track.get("tracking_uri") and not any("track.tracking_uri=" in a for a in args):
+        out += ["--set", f"track.tracking_uri={uri}"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         args = [args[2], str(spec), *args[3:]]
     if not args:
         sys.exit("usage: python -m pipelines.job_entry [--bundle NAME] COMMAND [ARGS ...] (an adapterflow command)")
-    args += tracking_override(args)
+    args += job_overrides(args)
     sys.argv = ["adapterflow", *args]
     from pipelines.cli import main as cli
 
