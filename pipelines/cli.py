@@ -523,7 +523,11 @@ def submit(spec: Path, set_: SetOpt = None, address: AddressOpt = None,
         return
     c = jobs.client(job.address)
     write = (lambda text: print(text, end="", flush=True)) if follow else None
-    final = jobs.follow(c, job.job_id, write) if follow else jobs.wait(c, job.job_id)
+    try:
+        final = jobs.follow(c, job.job_id, write) if follow else jobs.wait(c, job.job_id)
+    except KeyboardInterrupt:
+        fail(f"job {job.job_id} keeps running on the cluster; adapterflow jobs stop {job.job_id} --address "
+             f"{job.address} stops it", 130)
     _job_end(job.job_id, final, job.address)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,8 +64,16 @@ class Cluster:
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.gcs = f"127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
+        self.temp_dirs: list[Path] = []
+        # a job's `python` is this virtualenv's; only `python`: with the whole venv bin first on PATH, the
+        # job's DeepSpeed would JIT-build its CPU op with the venv's ninja and the rest of the machine's
+        # runs (the system ninja) would rebuild it after every job
+        pybin = root / "bin"
+        pybin.mkdir()
+        (pybin / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (pybin / "python").chmod(0o755)
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
-                    "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
+                    "PATH": f"{pybin}:{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
                     "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
         self.env.pop("PYTHONPATH", None)  # the job's working dir is the project, not this checkout's path
@@ -73,6 +82,7 @@ class Cluster:
         # short temp dirs: Ray's socket paths live under them (at most 107 bytes)
         tmp = Path(f"/tmp/afc-{os.getpid()}-{tag}")
         tmp.mkdir(parents=True, exist_ok=True)
+        self.temp_dirs.append(tmp)
         workers = _free_range(12)
         return ["--num-cpus", "1", "--temp-dir", str(tmp), "--node-ip-address", "127.0.0.1",
                 "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
@@ -145,6 +155,8 @@ class Cluster:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+        for tmp in self.temp_dirs:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

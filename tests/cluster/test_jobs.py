@@ -81,8 +81,12 @@ def test_submit_train_follow_tracks_registers_and_keeps_the_secret(ray_cluster, 
     stock = subprocess.run([str(Path(PY).with_name("ray")), "job", "list", "--address", ray_cluster.address],
                            env={**cluster_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=60)
     assert stock.returncode == 0 and job_id in stock.stdout, stock.stderr
+    stock_status = subprocess.run([str(Path(PY).with_name("ray")), "job", "status", "--address", ray_cluster.address,
+                                   job_id], env={**cluster_env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                                  text=True, timeout=60)
+    assert stock_status.returncode == 0 and "SUCCEEDED" in stock_status.stdout, stock_status.stderr
     info = sdk(ray_cluster).get_job_info(job_id)
-    seen = [stock.stdout, stock.stderr, listed.stdout, st.stdout, proc.stdout, proc.stderr, logs.stdout,
+    seen = [stock.stdout, stock.stderr, stock_status.stdout, listed.stdout, st.stdout, proc.stdout, proc.stderr, logs.stdout,
             json.dumps(info.runtime_env), info.entrypoint, json.dumps(info.metadata or {})]
     assert not [text for text in seen if mlflow_token in text]
     assert "MLFLOW_TRACKING_TOKEN" not in json.dumps(info.runtime_env)
