@@ -4,6 +4,7 @@ on) and a real `mlflow server` behind a proxy that wants the MLflow token."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -91,6 +92,35 @@ def test_submit_train_follow_tracks_registers_and_keeps_the_secret(ray_cluster, 
     assert not [text for text in seen if mlflow_token in text]
     assert "MLFLOW_TRACKING_TOKEN" not in json.dumps(info.runtime_env)
     assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == token_proxy.url
+    # on the nodes no secrets file is left (the entrypoint deletes it; Ray may also have removed the unpacked
+    # bundle once the job ended)
+    assert not [p for tmp in ray_cluster.temp_dirs for p in tmp.rglob("adapterflow_job_*/secrets.json")]
+
+
+def test_the_entrypoint_loads_the_bundles_secrets_and_deletes_them(tmp_path, monkeypatch):
+    """The bundle as submit stages it (spec, secrets file 0600) and as the job's entrypoint reads it."""
+    from pipelines import job_entry, jobs
+
+    folder, name = jobs.stage_bundle({"name": "x"}, {"AF_TEST_SECRET": "s3cr3t"})
+    try:
+        assert (folder / "secrets.json").stat().st_mode & 0o777 == 0o600
+        monkeypatch.syspath_prepend(str(folder.parent))
+        monkeypatch.delenv("AF_TEST_SECRET", raising=False)
+        spec = job_entry.load_bundle(name)
+        assert os.environ["AF_TEST_SECRET"] == "s3cr3t" and not (folder / "secrets.json").exists()
+        assert yaml.safe_load(spec.read_text()) == {"name": "x"}
+    finally:
+        os.environ.pop("AF_TEST_SECRET", None)
+        import shutil
+
+        shutil.rmtree(folder.parent)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "x", "ray_address": "ray://elsewhere:10001"}))
+    assert job_entry.job_overrides(["train", str(spec)]) == ["--set", "ray_address=null", "--set",
+                                                              "track.tracking_uri=http://tracking:5000"]
+    spec.write_text(yaml.safe_dump({"name": "x", "track": {"tracking_uri": "http://mine:5000"}}))
+    assert job_entry.job_overrides(["run", str(spec)]) == []
 
 
 def test_stock_ray_job_submit_runs_the_same_entrypoint(ray_cluster, cluster_env):
