@@ -1,8 +1,9 @@
 """The entrypoint of a Ray job: `python -m pipelines.job_entry [--bundle NAME] COMMAND [ARGS ...]`.
 
-`adapterflow submit` runs `python -m pipelines.job_entry --bundle adapterflow_job_... run`: the bundle
-(a `py_modules` package of the job) holds the validated spec and, if any, the secrets file, which is read
-into this process's environment and deleted before the command starts. The stock Ray CLI runs the same
+`adapterflow submit` runs `python -m pipelines.job_entry --bundle adapterflow_job_... [--secrets URI] run`:
+the bundle (a `py_modules` package of the job) holds the validated spec; the secrets, if any, wait in the
+cluster's package store under URI (named by no runtime env, so no node unpacks them): they are read into
+this process's environment and deleted from the cluster before the command starts. The stock Ray CLI runs the same
 entrypoint with a spec inside the working dir:
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python -m pipelines.job_entry train SPEC [--set ...]
@@ -24,16 +25,26 @@ SPEC_COMMANDS = ("run", "train", "tune", "validate")
 
 
 def load_bundle(name: str) -> Path:
-    """The bundle's folder; its secrets (if any) go into os.environ and the file is deleted."""
-    folder = Path(importlib.import_module(name).__file__).parent
-    secrets = folder / "secrets.json"
-    if secrets.is_file():
-        try:
-            values = json.loads(secrets.read_text())
-        finally:
-            secrets.unlink(missing_ok=True)
-        os.environ.update({str(k): str(v) for k, v in values.items()})
-    return folder / "spec.yaml"
+    """The spec file of the job's bundle (a `py_modules` package of the job)."""
+    return Path(importlib.import_module(name).__file__).parent / "spec.yaml"
+
+
+def load_secrets(uri: str) -> None:
+    """The job's secrets from the cluster's package store into os.environ; the entry is deleted at once."""
+    from ray._raylet import GcsClient
+
+    gcs = GcsClient(address=os.environ["RAY_ADDRESS"])  # the job's cluster (Ray sets it for every job driver)
+    key = uri.encode()
+    data = gcs.internal_kv_get(key, None)
+    if data is None:
+        sys.exit(f"adapterflow job: its secrets ({uri}) are no longer on the cluster: they are read once, and "
+                 "dropped when no job read them in time (RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S, "
+                 "600 s by default); submit the job again")
+    gcs.internal_kv_del(key, False, None)
+    values = json.loads(data)
+    os.environ.update({str(k): str(v) for k, v in values.items()})
+    print(f"adapterflow job: {len(values)} secret(s) set in the environment ({', '.join(sorted(values))}); "
+          "deleted from the cluster", file=sys.stderr, flush=True)
 
 
 def job_overrides(args: list[str]) -> list[str]:
@@ -63,9 +74,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("ADAPTERFLOW_NO_UP", "1")
     if args[:1] == ["--bundle"]:
         if len(args) < 3:
-            sys.exit("usage: python -m pipelines.job_entry --bundle NAME COMMAND [ARGS ...]")
+            sys.exit("usage: python -m pipelines.job_entry --bundle NAME [--secrets URI] COMMAND [ARGS ...]")
         spec = load_bundle(args[1])
-        args = [args[2], str(spec), *args[3:]]
+        args = args[2:]
+        if args[:1] == ["--secrets"] and len(args) >= 3:
+            load_secrets(args[1])
+            args = args[2:]
+        args = [args[0], str(spec), *args[1:]]
     if not args:
         sys.exit("usage: python -m pipelines.job_entry [--bundle NAME] COMMAND [ARGS ...] (an adapterflow command)")
     args += job_overrides(args)

@@ -2,13 +2,14 @@
 
 A job is the repository (the `working_dir`, large folders excluded) plus a small per-job bundle: a
 staging folder uploaded as a `py_modules` package that holds the spec (with `--set` overrides applied
-and validated here first) and, when `--secret-env` names any, a secrets file. The bundle is its own
-package so the repository's package keeps one content hash: Ray uploads it once and every later job
-reuses it; only the few-kilobyte bundle is new per job.
+and validated here first). The bundle is its own package so the repository's package keeps one content
+hash: Ray uploads it once and every later job reuses it; only the few-kilobyte bundle is new per job.
 
-Secrets never enter the Jobs API: not the entrypoint, not the runtime env's `env_vars`. The job's
-entrypoint (`python -m pipelines.job_entry --bundle NAME COMMAND`) reads the secrets file into its
-environment, deletes it and runs the CLI command.
+Secrets never enter the Jobs API (not the entrypoint, not the runtime env's `env_vars`) nor any node's
+disk: they are stored as one entry of the cluster's package store that no runtime env names (every node
+that runs a worker of the job unpacks the job's `py_modules`, so a secrets file there would land on each
+of them). The job's entrypoint (`python -m pipelines.job_entry --bundle NAME --secrets URI COMMAND`)
+reads the entry into its environment, deletes it from the cluster and runs the CLI command.
 
 Authentication: when the cluster checks tokens (Ray 2.60 token authentication), the client sends
 `Authorization: Bearer TOKEN` with TOKEN from `$RAY_AUTH_TOKEN`, else the file `$RAY_AUTH_TOKEN_PATH`;
@@ -28,14 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from workers.errors import ClusterAuthError, ClusterConnectionError, SpecError, UnknownJobError, UserError
+from workers.errors import ClusterAuthError, ClusterConnectionError, JobSubmitError, SpecError, UnknownJobError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDRESS_ENV = "ADAPTERFLOW_RAY_ADDRESS"
 COMMANDS = ("run", "train", "tune")
 BUNDLE_PREFIX = "adapterflow_job_"
 SPEC_FILE = "spec.yaml"
-SECRETS_FILE = "secrets.json"
+SECRETS_PREFIX = "adapterflow_secrets_"
 # never uploaded: environments, version control, local stores and results, caches
 EXCLUDES = [".venv", "venv", ".git", ".adapterflow", "workspaces/.adapterflow", "benchmarks/results", "mlruns",
             "mlartifacts", "**/__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache", ".import_linter_cache",
@@ -150,21 +151,32 @@ def env_values(names: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
-def stage_bundle(spec_data: dict, secret_values: dict[str, str]) -> tuple[Path, str]:
-    """The per-job staging folder (a package `adapterflow_job_<random>`): the spec, the secrets (0600)."""
+def stage_bundle(spec_data: dict) -> tuple[Path, str]:
+    """The per-job staging folder: a package `adapterflow_job_<random>` holding the validated spec."""
     import yaml
 
     name = BUNDLE_PREFIX + _secrets.token_hex(6)
     parent = Path(tempfile.mkdtemp(prefix="adapterflow-submit-"))
     folder = parent / name
     folder.mkdir()
-    (folder / "__init__.py").write_text('"""A submitted job\'s spec and secrets (pipelines.job_entry reads them)."""\n')
+    (folder / "__init__.py").write_text('"""A submitted job\'s spec (pipelines.job_entry reads it)."""\n')
     (folder / SPEC_FILE).write_text(yaml.safe_dump(spec_data, sort_keys=False))
-    if secret_values:
-        fd = os.open(folder / SECRETS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(secret_values, fh)
     return folder, name
+
+
+def put_secrets(c, values: dict[str, str]) -> str:
+    """The secrets as one entry of the cluster's package store (the GCS, where `working_dir` packages go),
+    under a random URI that no runtime env names: no node unpacks it, the job's entrypoint reads it and
+    deletes it, and Ray drops it after its temporary reference expires when no job reads it. The request
+    goes to the same job API endpoint the Jobs SDK uploads packages through."""
+    uri = f"gcs://{SECRETS_PREFIX}{_secrets.token_hex(16)}.zip"  # the store wants .zip; JSON inside, never unpacked
+    with guard(c):
+        r = c._do_request("PUT", f"/api/packages/gcs/{uri.removeprefix('gcs://')}", data=json.dumps(values).encode())
+        if r.status_code != 200:
+            raise JobSubmitError(f"{c.adapterflow_address}: the cluster did not store the job's secrets "
+                                 f"(HTTP {r.status_code})")
+        c._package_exists(uri)  # a temporary reference: unread, the entry is dropped when it expires
+    return uri
 
 
 def submit(spec_path: Path, overrides: list[str] | None, *, address: str | None, command: str = "run",
@@ -184,16 +196,19 @@ def submit(spec_path: Path, overrides: list[str] | None, *, address: str | None,
     if clash := sorted(set(env_vars) & set(secret_values)):
         raise UserError(f"{clash[0]}: named by both --env and --secret-env; a secret goes with --secret-env only")
     c = client(address)
-    folder, bundle = stage_bundle(data, secret_values)
+    folder, bundle = stage_bundle(data)
     job_id = job_id or f"adapterflow-{spec.name}-{_secrets.token_hex(4)}"
     runtime_env = {"working_dir": str(ROOT), "excludes": EXCLUDES, "py_modules": [str(folder)],
                    "env_vars": {"ADAPTERFLOW_NO_UP": "1", **env_vars}}
+    entrypoint = f"python -m pipelines.job_entry --bundle {bundle}"
+    if secret_values:
+        entrypoint += f" --secrets {put_secrets(c, secret_values)}"
     try:
         with guard(c):
-            c.submit_job(entrypoint=f"python -m pipelines.job_entry --bundle {bundle} {command}", submission_id=job_id,
-                         runtime_env=runtime_env, metadata={"adapterflow_spec": spec.name, "command": command})
+            c.submit_job(entrypoint=f"{entrypoint} {command}", submission_id=job_id, runtime_env=runtime_env,
+                         metadata={"adapterflow_spec": spec.name, "command": command})
     finally:
-        shutil.rmtree(folder.parent, ignore_errors=True)  # uploaded (or not): the local copy of secrets goes
+        shutil.rmtree(folder.parent, ignore_errors=True)
     return Submitted(job_id=job_id, address=c.adapterflow_address, bundle=bundle)
 
 

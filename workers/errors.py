@@ -107,3 +107,7 @@ class UnknownJobError(UserError):
     """A Ray job id the cluster does not know."""
 
     http_status = 404
+
+
+class JobSubmitError(AdapterflowError):
+    """A Ray cluster that answered but did not accept a job (or its secrets)."""
