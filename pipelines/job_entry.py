@@ -33,7 +33,10 @@ def load_secrets(uri: str) -> None:
     """The job's secrets from the cluster's package store into os.environ; the entry is deleted at once."""
     from ray._raylet import GcsClient
 
-    gcs = GcsClient(address=os.environ["RAY_ADDRESS"])  # the job's cluster (Ray sets it for every job driver)
+    address = os.environ.get("RAY_ADDRESS")  # the job's cluster: Ray sets it for every job's driver
+    if not address:
+        sys.exit("adapterflow job: --secrets needs RAY_ADDRESS (it runs as a Ray job's entrypoint)")
+    gcs = GcsClient(address=address)
     key = uri.encode()
     data = gcs.internal_kv_get(key, None)
     if data is None:
