@@ -201,9 +201,9 @@ def submit(spec_path: Path, overrides: list[str] | None, *, address: str | None,
     runtime_env = {"working_dir": str(ROOT), "excludes": EXCLUDES, "py_modules": [str(folder)],
                    "env_vars": {"ADAPTERFLOW_NO_UP": "1", **env_vars}}
     entrypoint = f"python -m pipelines.job_entry --bundle {bundle}"
-    if secret_values:
-        entrypoint += f" --secrets {put_secrets(c, secret_values)}"
     try:
+        if secret_values:
+            entrypoint += f" --secrets {put_secrets(c, secret_values)}"
         with guard(c):
             c.submit_job(entrypoint=f"{entrypoint} {command}", submission_id=job_id, runtime_env=runtime_env,
                          metadata={"adapterflow_spec": spec.name, "command": command})
