@@ -38,9 +38,11 @@ ds-ops: $(STAMP)
 demo: setup
 	$(VENV)/bin/adapterflow run pipelines/examples/demo.yaml
 
-# every tier: lint, the import layers, then the whole suite (unit, ray and slow tests)
+# every tier: lint, the import layers, the whole suite (unit, ray and slow tests), then the cluster tests
+# (a real 2-node Ray cluster) in a pytest process of their own: never alongside the suite's Ray instance
 test: setup $(TEST_STAMP) lint
 	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=5 tests/cluster
 
 # the tier that needs no Ray instance (seconds)
 test-unit: setup $(TEST_STAMP) lint

@@ -495,6 +495,94 @@ def serve(targets: Annotated[list[str], typer.Argument(
         shutdown(sv.app_name)
 
 
+AddressOpt = Annotated[Optional[str], typer.Option(
+    "--address", help="The Ray cluster's job API, http://HEAD:8265 (default: $ADAPTERFLOW_RAY_ADDRESS).")]
+
+
+@app.command()
+def submit(spec: Path, set_: SetOpt = None, address: AddressOpt = None,
+           command: Annotated[str, typer.Option(help="What the job runs: run, train or tune.")] = "run",
+           env: Annotated[Optional[list[str]], typer.Option(
+               "--env", help="Pass this environment variable's value to the job (repeatable).")] = None,
+           secret_env: Annotated[Optional[list[str]], typer.Option(
+               "--secret-env", help="Pass this variable's value as a secret: never shown by the Jobs API "
+               "(repeatable).")] = None,
+           no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the job id and return.")] = False,
+           follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends.")] = False,
+           ) -> None:
+    """Submit a pipeline (run, train or tune) to a Ray cluster as a Ray job: the spec is validated here first."""
+    from pipelines import jobs
+
+    if no_wait and follow:
+        fail("--no-wait and --follow: choose one")
+    job = jobs.submit(spec, set_, address=address, command=command, env=env, secret_env=secret_env)
+    console.print(f"submitted job {job.job_id} to {job.address}", markup=False, highlight=False)
+    if no_wait:
+        console.print(f"adapterflow jobs logs {job.job_id} --follow --address {job.address}", markup=False,
+                      highlight=False)
+        return
+    c = jobs.client(job.address)
+    write = (lambda text: print(text, end="", flush=True)) if follow else None
+    try:
+        final = jobs.follow(c, job.job_id, write) if follow else jobs.wait(c, job.job_id)
+    except KeyboardInterrupt:
+        fail(f"job {job.job_id} keeps running on the cluster; adapterflow jobs stop {job.job_id} --address "
+             f"{job.address} stops it", 130)
+    _job_end(job.job_id, final, job.address)
+
+
+def _job_end(job_id: str, final: str, address: str) -> None:
+    if final != "SUCCEEDED":
+        fail(f"job {job_id} {final} (adapterflow jobs logs {job_id} --address {address})", 1)
+    console.print(f"job {job_id} SUCCEEDED", markup=False, highlight=False)
+
+
+jobs_app = typer.Typer(cls=_Commands, no_args_is_help=True, help="The Ray jobs of a cluster: list, status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOpt = None) -> None:
+    """Every job the cluster knows: id, status, entrypoint."""
+    from pipelines import jobs
+
+    for row in jobs.list_jobs(jobs.client(address)):
+        console.print(f"{row['job_id']}  {row['status']:<9}  {row['entrypoint']}", markup=False, highlight=False)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: AddressOpt = None) -> None:
+    """A job's status and message (exit code 1 when it FAILED or was STOPPED)."""
+    from pipelines import jobs
+
+    info = jobs.status(jobs.client(address), job_id)
+    console.print(f"{job_id}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""),
+                  markup=False, highlight=False)
+    if info["status"] in ("FAILED", "STOPPED"):
+        raise typer.Exit(1)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: AddressOpt = None,
+              follow: Annotated[bool, typer.Option("--follow", help="Stream until the job ends.")] = False) -> None:
+    """A job's driver logs."""
+    from pipelines import jobs
+
+    c = jobs.client(address)
+    if follow:
+        jobs.follow(c, job_id, lambda text: print(text, end="", flush=True))
+    else:
+        print(jobs.logs(c, job_id), end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: AddressOpt = None) -> None:
+    """Stop a running job and wait until it has stopped."""
+    from pipelines import jobs
+
+    console.print(f"{job_id}: {jobs.stop(jobs.client(address), job_id)}", markup=False, highlight=False)
+
+
 def main() -> None:
     """The console script. After the command it runs the exit handlers (Ray's disconnect, logging's
     flush) and leaves without tearing the interpreter down module by module: with MLflow, Ray and

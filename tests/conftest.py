@@ -42,6 +42,9 @@ from helpers import (  # noqa: E402
     write_tsv,
 )
 
+# tests/cluster starts its own Ray cluster: it runs in a pytest process of its own (`make test`'s second step)
+collect_ignore = ["cluster"]
+
 RAY_FIXTURES = {"ray_session", "trained_adapters", "trained_causal", "serve_port"}
 
 

@@ -89,3 +89,25 @@ class TrainingError(AdapterflowError):
 
 class TrackingError(AdapterflowError):
     """The tracking server did not answer (after its client's retries); what it missed is saved locally."""
+
+
+class ClusterConnectionError(UserError):
+    """A Ray cluster's address that does not answer (nothing was submitted)."""
+
+    http_status = 503
+
+
+class ClusterAuthError(UserError):
+    """A Ray cluster that checks tokens refused this client's (missing or wrong) token."""
+
+    http_status = 401
+
+
+class UnknownJobError(UserError):
+    """A Ray job id the cluster does not know."""
+
+    http_status = 404
+
+
+class JobSubmitError(AdapterflowError):
+    """A Ray cluster that answered but did not accept a job (or its secrets)."""
