@@ -133,6 +133,19 @@ def _run_id_in(store, after_s: float):
     return find
 
 
+def _tracked_run(server: MlflowServer, spec, outage_s: float | None, flush_s: float):
+    """The spec pointed at the server, and a watcher that kills the server once the run's first step
+    metric is in (and starts it again `outage_s` later; None: never)."""
+    _up(server)
+    spec.track.tracking_uri = server.url
+    spec.track.flush_timeout_s = flush_s
+    events: dict = {}
+    watcher = threading.Thread(target=_watch, args=(server, _run_id_in(server.root / "mlflow.db", time.time()),
+                                                    outage_s, events))
+    watcher.start()
+    return events, watcher
+
+
 @pytest.mark.ray
 def test_training_rides_out_a_killed_tracking_server_and_its_run_is_complete(
         server, tiny_llama, toy_data, tmp_path, ray_session, no_client_retries):
@@ -141,15 +154,9 @@ def test_training_rides_out_a_killed_tracking_server_and_its_run_is_complete(
     from pipelines.run import train_and_register
     from workers.store import resolve
 
-    _up(server)
     spec = spec_for(tiny_llama, toy_data, tmp_path, epochs=12, log_every=1, checkpoint_every=16)
-    spec.track.tracking_uri = server.url
-    spec.track.flush_timeout_s = 60
     spec.name = "tracked"
-    events: dict = {}
-    watcher = threading.Thread(target=_watch, args=(server, _run_id_in(server.root / "mlflow.db", time.time()), 3.0,
-                                                    events))
-    watcher.start()
+    events, watcher = _tracked_run(server, spec, 3.0, 60)
     res = train_and_register(spec, yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json"))),
                              Console(quiet=True))
     watcher.join(120)
@@ -184,14 +191,8 @@ def test_a_tracking_server_that_stays_away_ends_the_run_saying_where_the_adapter
     from workers.artifact import verify
     from workers.errors import TrackingError
 
-    _up(server)
     spec = spec_for(tiny_llama, toy_data, tmp_path, epochs=4, log_every=1, checkpoint_every=16)
-    spec.track.tracking_uri = server.url
-    spec.track.flush_timeout_s = 2
-    events: dict = {}
-    watcher = threading.Thread(target=_watch, args=(server, _run_id_in(server.root / "mlflow.db", time.time()), None,
-                                                    events))
-    watcher.start()
+    events, watcher = _tracked_run(server, spec, None, 2)
     with pytest.raises(TrackingError) as err:
         train_and_register(spec, {}, Console(quiet=True))
     watcher.join(60)
