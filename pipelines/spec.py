@@ -24,6 +24,7 @@ from workers.config import (
     ModelSpec,
     SparsifySpec,
     TrainSpec,
+    check_batching,
     check_sections,
     import_plugins,
 )
@@ -90,6 +91,7 @@ class PipelineSpec(StrictModel):
             raise ValueError("model.num_labels/id2label apply to seq-cls only; remove them for causal-lm")
         try:
             check_sections(self.model, self.adapter, self.train)
+            check_batching(self.model, self.adapter, self.data)
         except SpecError as exc:
             raise ValueError(str(exc)) from None
         if self.tune is not None:

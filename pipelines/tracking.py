@@ -94,9 +94,12 @@ def log_results(run_id: str, history: list[dict], report: dict, train_metrics: d
         scalars.update({f"mc_{k}": float(v) for k, v in mc.items()
                         if isinstance(v, (int, float)) and k not in ("samples", "seed")})
         mlflow.log_metrics(scalars)
-        for k in ("trainable_params", "total_params", "train_seconds", "tracking_failures"):
+        for k in ("trainable_params", "total_params", "train_seconds", "tracking_failures", "train_tokens",
+                  "tokens_per_s", "real_token_share"):
             if k in train_metrics:
                 mlflow.log_metric(k, float(train_metrics[k]))
+        if "batching" in train_metrics:
+            mlflow.set_tag("batching", train_metrics["batching"])
         mlflow.log_dict(report, "evaluation.json")
         mlflow.log_dict({"history": history}, "train_history.json")
         if history:

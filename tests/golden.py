@@ -51,7 +51,7 @@ def spec_dict(case: str, tiny_llama: Path, toy_data: Path, stories: Path | None,
     if c.get("task") == "causal-lm":
         d["model"] = {"name": str(stories), "task": "causal-lm", "prompt_format": "Question: {prompt}."}
         d["data"] = {"path": str(instruct), "max_length": 48, "input_template": "{instruction}",
-                     "target_template": " {output}"}
+                     "target_template": " {output}", "batching": "random"}  # recorded before causal-lm's default
         d["train"]["global_batch_size"] = 8
     return d
 

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from workers.batching import BatchPlan
 from workers.config import DataSpec, ModelSpec
-from workers.data import IGNORE_INDEX, BatchPlan, Example, collate, encode, load_train_eval, render
+from workers.data import IGNORE_INDEX, Example, collate, encode, load_train_eval, render
 from workers.errors import DataError
 
 from helpers import make_tiny_llama, toy_sentiment, write_jsonl, write_tsv

@@ -34,7 +34,7 @@ def e2e(tiny_llama, toy_data, tmp_path_factory, ray_session, serve_port):
         "name": "toy-sentiment",
         "workspace": str(tmp / "ws"),
         "model": {"name": str(tiny_llama), "task": "seq-cls", "id2label": {0: "negative", 1: "positive"}},
-        "data": {"path": str(toy_data), "max_length": 32},
+        "data": {"path": str(toy_data), "max_length": 32, "batching": "length_grouped", "group_window": 4},
         "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
         "train": {"num_workers": 2, "zero_stage": 2, "global_batch_size": 16, "lr": 2e-2, "max_steps": 32,
                   "epochs": 2, "checkpoint_every": 8, "log_every": 2, "max_failures": 1, "seed": 5},

@@ -79,7 +79,6 @@ def test_a_trial_after_another_starts_from_the_pristine_base(tiny_llama, toy_dat
 
 
 def test_tokenized_data_is_reused_only_for_the_same_records_template_and_tokenizer(tiny_llama, toy_data, tmp_path):
-    from helpers import make_tiny_llama
 
     spec = _worker_spec(tiny_llama, toy_data, tmp_path)
     tok = load_tokenizer(spec.model)
@@ -95,14 +94,18 @@ def test_tokenized_data_is_reused_only_for_the_same_records_template_and_tokeniz
     assert encode(edited, spec.data, spec.model, tok)[0] != first[0]
     tok.add_tokens(["awful-new"], special_tokens=True)  # a tokenizer that grew
     encode(records, spec.data, spec.model, tok)
-    folder = tmp_path / "model"  # a tokenizer rewritten in place (same path, other files)
+    assert encode_stats["misses"] == misses + 3
+    # the key is what the tokenizer does, not where it is: the same files elsewhere hit
+    folder = tmp_path / "model"
     shutil.copytree(tiny_llama, folder)
     moved = _worker_spec(folder, toy_data, tmp_path)
     encode(records, moved.data, moved.model, load_tokenizer(moved.model))
-    make_tiny_llama(folder, seed=7)
-    (folder / "tokenizer_config.json").write_text((folder / "tokenizer_config.json").read_text() + "\n")
+    assert encode_stats["misses"] == misses + 3
+    # a tokenizer rewritten in place with another setting misses
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
     encode(records, moved.data, moved.model, load_tokenizer(moved.model))
-    assert encode_stats["misses"] == misses + 5
+    assert encode_stats["misses"] == misses + 4
 
 
 def test_a_warm_worker_leases_trains_and_marks_its_checkpoint_complete(tiny_llama, toy_data, tmp_path):

@@ -101,7 +101,8 @@ def _loaded(spec, folder: Path, method: str):
         model = _method(method).load(load_model(spec.model, load_tokenizer(spec.model)), folder).eval()
         _LOADED.clear()  # one super-adapter per process
         groups = load_groups(folder, method)
-        _LOADED[key] = (model, tok, encode(load_holdout(spec.data), spec.data, spec.model, tok), groups)
+        examples = encode(load_holdout(spec.data), spec.data, spec.model, tok, spec.workspace_path())
+        _LOADED[key] = (model, tok, examples, groups)
     return _LOADED[key]
 
 

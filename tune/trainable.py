@@ -72,7 +72,8 @@ class TrialSession(TrainSession):
 
         spec = self.spec
         if self._examples is None:
-            self._examples = encode(load_holdout(spec.data), spec.data, spec.model, tokenizer)
+            self._examples = encode(load_holdout(spec.data), spec.data, spec.model, tokenizer,
+                                    spec.workspace_path())
         num_labels = len(spec.model.labels()) if spec.model.task == "seq-cls" else None
         return scores(evaluate_model(model, tokenizer, self._examples, spec.model.task, num_labels))
 

@@ -41,6 +41,10 @@ class ModelSpec(StrictModel):
         None, description="Jinja chat template /v1/chat/completions renders messages with (causal-lm); "
         "null = the tokenizer's own. The rendered chat is then wrapped by prompt_format.",
     )
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel transformers loads the model with (sdpa, eager, flash_attention_2, "
+        "...); null = its default. flash_attention_2 (GPU) runs packed rows without padding.",
+    )
     revision: str | None = Field(None, description="Hub revision (hub ids only).")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off.")
 
@@ -97,9 +101,28 @@ class DataSpec(StrictModel):
     target_template: str = Field(
         "{output}", description="Template of the response a causal LM learns (causal-lm)."
     )
-    max_length: int = Field(128, gt=1, description="Tokens per example after truncation.")
+    max_length: int = Field(128, gt=1, description="Tokens per example after truncation (and per packed row).")
+    batching: Literal["auto", "random", "length_grouped", "packed"] = Field(
+        "auto",
+        description="How training examples form batches. random: seeded random draws, each padded to its "
+        "longest. length_grouped: seeded windows of group_window batches sorted by length, batches run in a "
+        "seeded random order (far less padding, same shapes on every rank). packed (causal-lm): several "
+        "examples per row up to max_length, kept apart by position ids restarting per example. auto: "
+        "length_grouped for causal-lm, random for seq-cls.",
+    )
+    group_window: int = Field(
+        64, gt=0, description="Global batches per length-sorted window (batching length_grouped).")
+    cache: bool = Field(
+        True, description="Keep tokenized examples on disk (<workspace>/cache/tokens), keyed by the records' "
+        "sha256, the tokenizer, the templates and max_length, so a second run or a trial does not tokenize again.",
+    )
     max_train_examples: int | None = Field(None, gt=0, description="Use only the first N.")
     max_eval_examples: int | None = Field(None, gt=0, description="Evaluate on the first N.")
+
+    def resolved_batching(self, task: str) -> str:
+        if self.batching != "auto":
+            return self.batching
+        return "length_grouped" if task == "causal-lm" else "random"
 
 
 # the method's own spec class, looked up in the registry when the spec is validated (so methods
@@ -221,6 +244,19 @@ class SparsifySpec(StrictModel):
 
         Pattern.parse(self.pattern, self.ratio)
         return self
+
+
+def check_batching(model: ModelSpec, adapter: MethodSpec, data: DataSpec) -> None:
+    """`data.batching: packed` needs a causal LM (a classifier pools one label per row) and a method
+    whose adapter acts on each example of a row alike."""
+    if data.batching != "packed":
+        return
+    if model.task != "causal-lm":
+        raise ValueError("data.batching packed applies to causal-lm: a classifier pools one label from each row; "
+                         "use length_grouped for seq-cls")
+    refusal = get_method(adapter.method).packing_refusal()
+    if refusal:
+        raise ValueError(refusal)
 
 
 def check_sections(model: ModelSpec, adapter: MethodSpec, train: TrainSpec) -> None:

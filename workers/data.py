@@ -1,7 +1,6 @@
 """Training and evaluation data: load records, render templates, tokenize, batch.
 
-Batching is a pure function of (seed, epoch, step, rank): a resumed run lands on exactly the
-batch an uninterrupted run would have seen, with no sampler state to save.
+Which examples form which batch is workers.batching's.
 """
 
 from __future__ import annotations
@@ -186,45 +185,70 @@ class Example:
 
 
 # Tokenized examples per process (a Tune actor's next trial, a warm worker's next job tokenize the same
-# records again): keyed by the records' content, everything in the spec that shapes an example, and
-# the tokenizer (its files, vocabulary size and special ids). Examples are frozen and only read.
+# records again), and on disk when a workspace is given (workers.token_cache): keyed by the records'
+# content, everything in the spec that shapes an example, and the tokenizer's content. Examples are
+# frozen and only read.
 _ENCODED_ENTRIES = 8
 _encoded: dict[str, list[Example]] = {}
-encode_stats = {"hits": 0, "misses": 0}
+encode_stats = {"hits": 0, "misses": 0, "disk_hits": 0}
 
 
-def _tokenizer_key(tokenizer) -> list:
-    added = sorted((str(k), int(v)) for k, v in getattr(tokenizer, "added_tokens_encoder", {}).items())
-    source = Path(str(getattr(tokenizer, "name_or_path", "")))
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.iterdir()
-                   if f.is_file()) if source.is_dir() else []
-    return [type(tokenizer).__name__, str(source), files, len(tokenizer),
-            tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id,
-            getattr(tokenizer, "padding_side", None), getattr(tokenizer, "truncation_side", None), added]
-
-
-def _encode_key(records: list[dict], data: DataSpec, model: ModelSpec, tokenizer) -> str:
+def _tokenizer_key(tokenizer) -> str:
+    """sha256 of what the tokenizer does: its vocabulary and pipeline (a fast tokenizer's whole
+    serialized form), its settings and special tokens; not where it was loaded from."""
     import hashlib
 
-    shape = [input_template(data), data.target_template, data.label_field, data.max_length, model.task,
-             model.prompt_format, sorted(model.labels().items()) if model.task == "seq-cls" else None,
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # less the truncation and padding a call leaves set on it
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    paths = {"name_or_path", "vocab_file", "merges_file", "tokenizer_file", "special_tokens_map_file"}
+    settings = {k: v for k, v in getattr(tokenizer, "init_kwargs", {}).items() if k not in paths}
+    added = sorted((str(k), int(v)) for k, v in getattr(tokenizer, "added_tokens_encoder", {}).items())
+    h.update(json.dumps([settings, added, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                         tokenizer.bos_token_id, getattr(tokenizer, "padding_side", None),
+                         getattr(tokenizer, "truncation_side", None)], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def encode_key(records: list[dict], data: DataSpec, model: ModelSpec, tokenizer) -> str:
+    import hashlib
+
+    shape = ["examples/2", input_template(data), data.target_template, data.label_field, data.max_length,
+             model.task, model.prompt_format, sorted(model.labels().items()) if model.task == "seq-cls" else None,
              _tokenizer_key(tokenizer)]
     h = hashlib.sha256(json.dumps(shape, default=str).encode())
     h.update(json.dumps(records, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
-def encode(records: list[dict], data: DataSpec, model: ModelSpec, tokenizer) -> list[Example]:
+def encode(records: list[dict], data: DataSpec, model: ModelSpec, tokenizer,
+           workspace: Path | str | None = None) -> list[Example]:
     """Tokenized examples of `records` (seq-cls: the rendered input and its class index; causal LM: the
-    prompt and target ids, the loss masked on the prompt); remembered per process."""
+    prompt and target ids, the loss masked on the prompt); remembered per process, and kept under
+    `<workspace>/cache/tokens` when a workspace is given and `data.cache` is on."""
+    from workers import token_cache
+
     if not records:
         return []
-    key = _encode_key(records, data, model, tokenizer)
+    key = encode_key(records, data, model, tokenizer)
     if key in _encoded:
         encode_stats["hits"] += 1
         return list(_encoded[key])
-    encode_stats["misses"] += 1
-    out = _encode(records, data, model, tokenizer)
+    folder = token_cache.cache_dir(Path(workspace)) if workspace is not None and data.cache else None
+    out = token_cache.load(folder, key) if folder is not None else None
+    if out is not None:
+        encode_stats["disk_hits"] += 1
+    else:
+        encode_stats["misses"] += 1
+        out = _encode(records, data, model, tokenizer)
+        if folder is not None:
+            token_cache.save(folder, key, out)
     if len(_encoded) >= _ENCODED_ENTRIES:
         _encoded.pop(next(iter(_encoded)))
     _encoded[key] = out
@@ -260,10 +284,11 @@ def _encode(records: list[dict], data: DataSpec, model: ModelSpec, tokenizer) ->
     return out
 
 
-def collate(examples: list[Example], pad_id: int, padding_side: str = "right"):
+def collate(examples: list[Example], pad_id: int, padding_side: str = "right", width: int | None = None):
+    """Examples padded to `width` (default: the longest), with their attention mask."""
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
+    width = width or max(len(e.input_ids) for e in examples)
     ids, mask, labels = [], [], []
     for e in examples:
         pad = width - len(e.input_ids)
@@ -285,30 +310,3 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right"):
         "attention_mask": torch.tensor(mask),
         "labels": torch.tensor(labels),
     }
-
-
-# ---------------------------------------------------------------- deterministic batching
-@dataclass(frozen=True)
-class BatchPlan:
-    n_examples: int
-    global_batch: int
-    world_size: int
-    grad_accum: int
-    seed: int
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.n_examples // self.global_batch
-
-    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        """Example indices of each micro-batch this rank runs at global optimizer `step`."""
-        import torch
-
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n_examples, generator=gen)
-        batch = order[pos * self.global_batch : (pos + 1) * self.global_batch]
-        per_rank = self.global_batch // self.world_size
-        mine = batch[rank * per_rank : (rank + 1) * per_rank].tolist()
-        micro = per_rank // self.grad_accum
-        return [mine[i * micro : (i + 1) * micro] for i in range(self.grad_accum)]

@@ -40,9 +40,17 @@ def classification_report(labels: list[int], probs, num_labels: int, loss: float
     return report
 
 
+def length_grouped(examples, batch_size: int) -> list[list[int]]:
+    """Indices of `examples` in batches of neighbours in length (longest first): the least padding,
+    and the same outputs as any other order."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def evaluate_model(model, tokenizer, examples, task: str, num_labels: int | None,
                    batch_size: int = 32) -> dict:
-    """Run `model` over tokenized examples (workers.data.Example) without gradients."""
+    """Run `model` over tokenized examples (workers.data.Example) without gradients, in batches grouped
+    by length; per-example outputs are put back in the examples' order."""
     import torch
     import torch.nn.functional as F
 
@@ -50,18 +58,18 @@ def evaluate_model(model, tokenizer, examples, task: str, num_labels: int | None
 
     model.eval()
     total_loss, total_count = 0.0, 0
-    labels_all, probs_all = [], []
+    labels_all, probs_all = [None] * len(examples), [None] * len(examples)
     with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i : i + batch_size]
+        for idx in length_grouped(examples, batch_size):
+            chunk = [examples[i] for i in idx]
             batch = collate(chunk, tokenizer.pad_token_id)
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()
             if task == "seq-cls":
                 total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
                 total_count += len(chunk)
-                probs_all.extend(torch.softmax(logits, -1).tolist())
-                labels_all.extend(labels.tolist())
+                for i, p, y in zip(idx, torch.softmax(logits, -1).tolist(), labels.tolist()):
+                    probs_all[i], labels_all[i] = p, y
             else:
                 shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
                 shift_labels = labels[:, 1:].reshape(-1)

@@ -146,6 +146,8 @@ def load_model(spec: ModelSpec, tokenizer=None):
         dtype=dtype,
         use_safetensors=True,
     )
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
     if spec.task == "seq-cls":
         labels = spec.labels()
         kwargs.update(num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()})

@@ -321,7 +321,7 @@ def evaluate_artifact(spec, adapter_dir: Path, threads: int | None = None, *, ho
     method = method_of(spec.adapter)
     tok = adapter_tokenizer(spec.model, adapter_dir)
     model = method.load(load_model(spec.model, load_tokenizer(spec.model)), Path(adapter_dir))
-    examples = encode(evals, spec.data, spec.model, tok)
+    examples = encode(evals, spec.data, spec.model, tok, spec.workspace_path())
     num_labels = len(spec.model.labels()) if spec.model.task == "seq-cls" else None
     report = evaluate_model(model, tok, examples, spec.model.task, num_labels)
     report["split"] = "selection" if holdout else spec.data.eval_split if spec.data.eval_split else "held-out"

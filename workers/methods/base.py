@@ -72,6 +72,10 @@ class AdapterMethod:
     def mergeable(self, spec: MethodSpec) -> bool:
         return self.merge_refusal(spec) is None
 
+    def packing_refusal(self) -> str | None:
+        """Why this method cannot train on packed rows (`data.batching: packed`); None: it can."""
+        return None
+
     def zero3_refusal(self) -> str:
         return f"adapter.method {self.name} cannot train with train.zero_stage 3; use 2 (or 0/1)"
 

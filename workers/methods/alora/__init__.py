@@ -50,6 +50,10 @@ class ALoraMethod(AdapterMethod):
         return ("an alora adapter applies only from its invocation on, which a merged weight cannot express; "
                 "serve it as an adapter instead")
 
+    def packing_refusal(self) -> str | None:
+        return ("data.batching packed cannot train adapter.method alora: aLoRA activates from the invocation in "
+                "each row, and a packed row holds several examples; use length_grouped")
+
     def check_task(self, spec: ALoraSpec, task: str) -> None:
         if task not in self.tasks:
             raise SpecError("adapter.method alora needs model.task: causal-lm (aLoRA reuses a causal LM's KV "
