@@ -177,7 +177,8 @@ def test_specs_refuse_packing_where_it_cannot_be_exact(tiny_llama, toy_data):
     from workers.errors import SpecError
 
     base = {"name": "x", "model": {"name": str(tiny_llama), "task": "seq-cls"},
-            "data": {"path": str(toy_data), "batching": "packed"}, "adapter": {"method": "lora", "target_modules": ["q_proj"]}}
+            "data": {"path": str(toy_data), "batching": "packed"},
+            "adapter": {"method": "lora", "target_modules": ["q_proj"]}}
     with pytest.raises(SpecError, match="data.batching packed applies to causal-lm"):
         parse_spec(base)
     with pytest.raises(SpecError, match="data.batching: Input should be 'auto', 'random'"):
