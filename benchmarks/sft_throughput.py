@@ -124,6 +124,39 @@ def trainer_run(d: dict) -> dict:
             **({"accuracy": report["accuracy"]} if "accuracy" in report else {})}
 
 
+def untrained_and_eval_speed(d: dict) -> dict:
+    """The eval loss before training (what the adapters improve on), and evaluation in length-grouped
+    batches (workers.evaluate) against the same batches of 32 in file order, timed in turn."""
+    import torch
+
+    from pipelines.spec import parse_spec
+    from workers.data import collate, encode, load_train_eval
+    from workers.evaluate import evaluate_model
+    from workers.models import load_model, load_tokenizer
+
+    spec = parse_spec(d)
+    torch.set_num_threads(THREADS)
+    tok = load_tokenizer(spec.model)
+    model = load_model(spec.model, tok).eval()
+    examples = encode(load_train_eval(spec.data, spec.train.seed)[1], spec.data, spec.model, tok)
+    labels = len(spec.model.labels()) if spec.model.task == "seq-cls" else None
+    timings = {"grouped": [], "in_order": []}
+    for _ in range(3):
+        t = time.perf_counter()
+        report = evaluate_model(model, tok, examples, spec.model.task, labels)
+        timings["grouped"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(examples), 32):
+                batch = collate(examples[i : i + 32], tok.pad_token_id)
+                batch.pop("labels")
+                model(**batch)
+        timings["in_order"].append(time.perf_counter() - t)
+    grouped, in_order = min(timings["grouped"]), min(timings["in_order"])
+    return {"untrained_eval_loss": report["eval_loss"], "eval_examples": len(examples),
+            "eval_grouped_s": grouped, "eval_in_order_s": in_order, "eval_speedup": in_order / grouped}
+
+
 def emit(line: dict) -> None:
     print(json.dumps(line), flush=True)
 
@@ -138,6 +171,9 @@ def main() -> None:
         sys.exit(f"../shared not found at {SHARED}: set ADAPTERFLOW_SHARED")
     modes = ["random", "length_grouped", "packed", "trainer"]
     for job in args.jobs.split(","):
+        with tempfile.TemporaryDirectory() as ws:
+            emit({"figure": "untrained_and_eval_speed", "job": job,
+                  **untrained_and_eval_speed(job_spec(job, Path(ws), "random", args.sst2_examples))})
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for rnd in range(args.rounds):
             for mode in modes:
