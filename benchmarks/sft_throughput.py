@@ -72,7 +72,7 @@ def platform_run(d: dict) -> dict:
         spec = parse_spec(d)
         out = launch_training(spec, run_name=f"{d['name']}-{time.time_ns()}")
     except (AdapterflowError, ValueError) as exc:  # a mode the job cannot run, and why
-        return {"error": str(exc).splitlines()[0][:300]}
+        return {"error": " ".join(str(exc).split())[:300]}
     m = out.metrics
     report = evaluate_artifact(spec, out.checkpoint / FINAL_ADAPTER_DIR, threads=THREADS)
     return {"tokens_per_s": m["tokens_per_s"], "real_token_share": m["real_token_share"],
