@@ -213,3 +213,20 @@ def mlflow_client(workspace):
 
     uri = f"sqlite:///{Path(workspace) / 'mlflow.db'}"
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def read_store(db, query, timeout: float = 10):
+    """`query(connection)` on an MLflow SQLite file, opened read-only beside its writer; None while the
+    file or its schema is still being made (MLflow creates the file first and its tables after, so a
+    poller can find a file with no `runs` table yet) or while a writer holds it locked past `timeout`."""
+    import sqlite3
+
+    if not Path(db).exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout) as con:
+            return query(con)
+    except sqlite3.OperationalError as e:
+        if any(m in str(e) for m in ("no such table", "no such column", "database is locked")):
+            return None
+        raise

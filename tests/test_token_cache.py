@@ -38,6 +38,17 @@ def _spec(model, data, tmp, task="seq-cls", **train):
     return WorkerSpec.model_validate(spec_for(model, data, tmp, task=task, **train).model_dump(mode="json"))
 
 
+@pytest.fixture
+def cached(tiny_llama, toy_data, tmp_path, calls):
+    """A classification spec, its tokenizer and records, its workspace, and the records encoded once
+    (written to the cache)."""
+    spec = _spec(tiny_llama, toy_data, tmp_path)
+    tok = load_tokenizer(spec.model)
+    records, _ = load_train_eval(spec.data, 0)
+    ws = spec.workspace_path()
+    return spec, tok, records, ws, encode(records, spec.data, spec.model, tok, ws)
+
+
 def _files(spec):
     return sorted(token_cache.cache_dir(spec.workspace_path()).glob("*.safetensors"))
 
@@ -61,12 +72,8 @@ def test_a_second_run_reads_the_tokens_from_disk_and_trains_the_same(tiny_llama,
     assert [h["loss"] for h in second] == [h["loss"] for h in first]
 
 
-def test_any_change_to_what_shapes_an_example_misses(tiny_llama, toy_data, tmp_path, calls):
-    spec = _spec(tiny_llama, toy_data, tmp_path)
-    tok = load_tokenizer(spec.model)
-    records, _ = load_train_eval(spec.data, 0)
-    ws = spec.workspace_path()
-    base = encode(records, spec.data, spec.model, tok, ws)
+def test_any_change_to_what_shapes_an_example_misses(cached, calls):
+    spec, tok, records, ws, base = cached
     edited = [dict(r) for r in records]
     edited[5]["sentence"] = "awful awful awful"
     variants = [
@@ -91,12 +98,8 @@ def test_any_change_to_what_shapes_an_example_misses(tiny_llama, toy_data, tmp_p
     assert len(_files(spec)) == 5  # data.cache: false writes nothing
 
 
-def test_a_damaged_or_foreign_cache_file_is_tokenized_again(tiny_llama, toy_data, tmp_path, calls):
-    spec = _spec(tiny_llama, toy_data, tmp_path)
-    tok = load_tokenizer(spec.model)
-    records, _ = load_train_eval(spec.data, 0)
-    ws = spec.workspace_path()
-    base = encode(records, spec.data, spec.model, tok, ws)
+def test_a_damaged_or_foreign_cache_file_is_tokenized_again(cached, calls):
+    spec, tok, records, ws, base = cached
     (path,) = _files(spec)
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2 :] = b"\x00" * (len(blob) - len(blob) // 2)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from helpers import spec_for
+from helpers import read_store, spec_for
 from mlflow_server import MlflowServer
 
 
@@ -122,13 +122,9 @@ def _watch(server: MlflowServer, run_id_of, outage_s: float, events: dict):
 def _run_id_in(store, after_s: float):
     """The run a pipeline started in the server's store after `after_s` (read from its SQLite file)."""
     def find():
-        import sqlite3
-
-        if not store.exists():
-            return None
-        with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
-            row = db.execute("select run_uuid from runs where start_time > ? order by start_time desc",
-                             (int(after_s * 1000),)).fetchone()
+        row = read_store(store, lambda db: db.execute(
+            "select run_uuid from runs where start_time > ? order by start_time desc",
+            (int(after_s * 1000),)).fetchone())
         return row and row[0]
     return find
 

@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, mlflow_client, spec_for
+from helpers import ROOT, mlflow_client, read_store, spec_for
 
 NUM_TRIALS = 4
 REPORT_STEPS = [7, 14, 21, 28]  # 2 epochs of 14 steps, a held-out report every 7
@@ -52,10 +51,11 @@ def _tail(path: Path, n: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
 
 
-def _children(db: Path) -> dict[str, dict]:
+def _children(db: Path, timeout: float = 10) -> dict[str, dict] | None:
     """The search's child runs as the driver has written them so far, read straight from SQLite (a
-    reader beside the one writer): trial id -> run id, status, end time, metric points."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as con:
+    reader beside the one writer): trial id -> run id, status, end time, metric points. None while the
+    store is being created or locked past `timeout` (by a writer frozen mid-transaction)."""
+    def read(con):
         rows = con.execute(
             "SELECT r.run_uuid, r.status, r.start_time, r.end_time, t.value FROM runs r JOIN tags t "
             "ON t.run_uuid = r.run_uuid WHERE t.key = 'adapterflow.trial_id'").fetchall()
@@ -65,7 +65,8 @@ def _children(db: Path) -> dict[str, dict]:
                                   "ORDER BY key, step, timestamp", (run_id,)).fetchall()
             out[trial] = {"run_id": run_id, "status": status, "start_time": start, "end_time": end, "history": history,
                           "reports": [step for k, _, step, _ in history if k == "held_out_accuracy"]}
-    return out
+        return out
+    return read_store(db, read, timeout)
 
 
 def _snapshot(experiment: Path) -> dict[str, tuple[str, int | None]] | None:
@@ -143,12 +144,18 @@ def search(tiny_llama, toy_data, tmp_path_factory, ray_session) -> Search:
         while True:
             assert driver.poll() is None, f"the driver exited ({driver.returncode}) before it was killed:\n{_tail(log)}"
             assert time.monotonic() < deadline, "no two trials finished in time:\n" + _tail(log)
-            if db.exists() and _worth_a_kill(_children(db)):
-                driver.send_signal(signal.SIGSTOP)  # frozen: what it wrote stays as it is while we look
-                if _worth_a_kill(_children(db)) and _agree(_children(db), _snapshot(experiment)):
-                    break
-                driver.send_signal(signal.SIGCONT)
-            time.sleep(0.1)
+            runs = _children(db) or {}
+            if sum(r["status"] == "FINISHED" for r in runs.values()) < 2:
+                time.sleep(0.1)
+                continue
+            # from here the driver runs in short steps, frozen between them while we look at what it wrote:
+            # trials block on their next report while it is frozen, so the moment to kill cannot slip past
+            driver.send_signal(signal.SIGSTOP)
+            runs = _children(db, timeout=0.5)
+            if runs and _worth_a_kill(runs) and _agree(runs, _snapshot(experiment)):
+                break
+            driver.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:

@@ -11,11 +11,16 @@ sampler state to save.
   (`pack_rows`, best fit decreasing over a seeded order); the rows are then planned like `random`
   examples, with the same-shapes rule of `length_grouped`. `collate_packed` restarts the position ids
   at every example, which is what keeps examples of one row apart (`packing_refusal` checks the model).
+
+`Batches` is a run's side of it (the units, their plan, each micro-batch's tensors) and `TokenCount`
+the real and computed tokens the loop reports.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from workers.errors import SpecError
 
 BATCHINGS = ("random", "length_grouped", "packed")
 
@@ -173,3 +178,72 @@ def packing_refusal(model) -> str | None:
         return (f"{name} with attention {impl!r} lets packed examples see each other (position ids "
                 f"restarting per example do not isolate them)")
     return None
+
+
+class Batches:
+    """The run's training batches under `data.batching`: the units planned (examples, or packed rows of
+    examples), their plan, and the padded tensors of each micro-batch."""
+
+    def __init__(self, examples: list, spec, model, world: int):
+        train, data = spec.train, spec.data
+        self.mode = data.resolved_batching(spec.model.task)
+        self.unit = "training examples"
+        lengths = [len(e.input_ids) for e in examples]
+        if self.mode == "packed":
+            refusal = packing_refusal(model)
+            if refusal:
+                raise SpecError(f"data.batching packed: {refusal}; use length_grouped, or a model.attn_implementation "
+                                "that keeps packed examples apart")
+            rows = pack_rows(lengths, data.max_length, train.seed)
+            self.units = [[examples[i] for i in row] for row in rows]
+            lengths = [sum(lengths[i] for i in row) for row in rows]
+            self.unit = f"packed rows ({len(examples)} examples)"
+        else:
+            self.units = examples
+        self.lengths = lengths
+        self.plan = BatchPlan(len(self.units), train.global_batch_size, world, train.grad_accum, train.seed,
+                              mode=self.mode, lengths=tuple(lengths) if self.mode != "random" else (),
+                              window=data.group_window)
+
+    def micro_batches(self, step: int, rank: int, pad_id: int):
+        from workers.data import collate
+
+        for m, idx in enumerate(self.plan.micro_batches(step, rank)):
+            width = self.plan.width(step, m)
+            units = [self.units[i] for i in idx]
+            batch = collate_packed(units, pad_id, width) if self.mode == "packed" else collate(units, pad_id,
+                                                                                                width=width)
+            batch["real_tokens"] = sum(self.lengths[i] for i in idx)
+            yield batch
+
+
+class TokenCount:
+    """Tokens trained on (real) and computed (with padding), summed over ranks at each log."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.real = self.computed = 0  # this rank, since the last log
+        self.total_real = self.total_computed = 0  # every rank, whole loop
+
+    def add(self, batch: dict) -> None:
+        self.real += batch.pop("real_tokens")
+        self.computed += batch["input_ids"].numel()
+
+    def window(self, seconds: float) -> dict:
+        import torch
+
+        counts = torch.tensor([self.real, self.computed], dtype=torch.float64)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(counts)
+        real, computed = (int(x) for x in counts.tolist())
+        self.real = self.computed = 0
+        self.total_real += real
+        self.total_computed += computed
+        return {"tokens_per_s": real / max(seconds, 1e-9), "real_token_share": real / max(computed, 1)}
+
+    def totals(self, seconds: float) -> dict:
+        return {"train_tokens": self.total_real, "computed_tokens": self.total_computed,
+                "real_token_share": self.total_real / max(self.total_computed, 1),
+                "tokens_per_s": self.total_real / max(seconds, 1e-9)}

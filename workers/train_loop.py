@@ -229,6 +229,7 @@ def _train(config: dict, spec, session, tl: list, preloaded: list[str]) -> None:
     import torch.distributed as dist
 
     timeline.mark("import_deepspeed", tl)
+    from workers.batching import Batches, TokenCount
     from workers.data import encode, load_train_eval
     from workers.ds_config import build_ds_config
     from workers.methods import method_of
@@ -283,7 +284,7 @@ def _train(config: dict, spec, session, tl: list, preloaded: list[str]) -> None:
     score_s = 0.0  # time spent scoring the model at checkpoints (a search's held-out evaluation)
     report_s = 0.0  # time reports waited (Ray Train persisting a checkpoint, Tune's driver taking a result)
     window_start, window_steps = t0, 0
-    tokens = _TokenCount(world)
+    tokens = TokenCount(world)
     for step in range(start_step, total_steps):
         loss_sum = torch.zeros(())
         for batch in batches.micro_batches(step, rank, pad_id):
@@ -349,78 +350,6 @@ def _train(config: dict, spec, session, tl: list, preloaded: list[str]) -> None:
                 session.report(metrics, tmpdir)
                 report_s += time.perf_counter() - r0
     tracker.close()  # a run with no steps left (resumed at its end)
-
-
-class Batches:
-    """The run's training batches under `data.batching`: the units planned (examples, or packed rows of
-    examples), their plan, and the padded tensors of each micro-batch."""
-
-    def __init__(self, examples: list, spec, model, world: int):
-        from workers.batching import BatchPlan, pack_rows, packing_refusal
-
-        train, data = spec.train, spec.data
-        self.mode = data.resolved_batching(spec.model.task)
-        self.unit = "training examples"
-        lengths = [len(e.input_ids) for e in examples]
-        if self.mode == "packed":
-            refusal = packing_refusal(model)
-            if refusal:
-                raise SpecError(f"data.batching packed: {refusal}; use length_grouped, or a model.attn_implementation "
-                                "that keeps packed examples apart")
-            rows = pack_rows(lengths, data.max_length, train.seed)
-            self.units = [[examples[i] for i in row] for row in rows]
-            lengths = [sum(lengths[i] for i in row) for row in rows]
-            self.unit = f"packed rows ({len(examples)} examples)"
-        else:
-            self.units = examples
-        self.lengths = lengths
-        self.plan = BatchPlan(len(self.units), train.global_batch_size, world, train.grad_accum, train.seed,
-                              mode=self.mode, lengths=tuple(lengths) if self.mode != "random" else (),
-                              window=data.group_window)
-
-    def micro_batches(self, step: int, rank: int, pad_id: int):
-        from workers.batching import collate_packed
-        from workers.data import collate
-
-        for m, idx in enumerate(self.plan.micro_batches(step, rank)):
-            width = self.plan.width(step, m)
-            units = [self.units[i] for i in idx]
-            batch = collate_packed(units, pad_id, width) if self.mode == "packed" else collate(units, pad_id,
-                                                                                                width=width)
-            batch["real_tokens"] = sum(self.lengths[i] for i in idx)
-            yield batch
-
-
-class _TokenCount:
-    """Tokens trained on (real) and computed (with padding), summed over ranks at each log."""
-
-    def __init__(self, world: int):
-        self.world = world
-        self.real = self.computed = 0  # this rank, since the last log
-        self.total_real = self.total_computed = 0  # every rank, whole loop
-
-    def add(self, batch: dict) -> None:
-        self.real += batch.pop("real_tokens")
-        self.computed += batch["input_ids"].numel()
-
-    def window(self, seconds: float) -> dict:
-        import torch
-
-        counts = torch.tensor([self.real, self.computed], dtype=torch.float64)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(counts)
-        real, computed = (int(x) for x in counts.tolist())
-        self.real = self.computed = 0
-        self.total_real += real
-        self.total_computed += computed
-        return {"tokens_per_s": real / max(seconds, 1e-9), "real_token_share": real / max(computed, 1)}
-
-    def totals(self, seconds: float) -> dict:
-        return {"train_tokens": self.total_real, "computed_tokens": self.total_computed,
-                "real_token_share": self.total_real / max(self.total_computed, 1),
-                "tokens_per_s": self.total_real / max(seconds, 1e-9)}
 
 
 @contextlib.contextmanager
