@@ -2,9 +2,10 @@
 run, each reduced to its saved weight files and its evaluation metrics. The losses and metrics in
 `golden_outputs.json` were recorded from the code before the method contract and the training stages
 moved; the weight files in `golden_weights/<case>/` from the code before `data.batching` (same
-outputs). `test_golden.py` checks the code still produces them: the same files, weights and losses to
-float32 rounding. Not bit for bit: float kernels differ between CPU models (AMD and Intel machines
-disagree in the 6th digit after 8 steps), so sha256s held only on the machine that recorded them.
+outputs, on an AMD machine). `test_golden.py` checks the code still produces them: the same files,
+losses to 2e-5, weights to `WEIGHT_TOLERANCE` of their norm. Not bit for bit: float kernels differ
+between CPU models (after 8 steps AMD and Intel machines disagree by up to 6.5e-5 of a weight tensor's
+norm), so sha256s held only on the machine that recorded them.
 
 Re-record (only when a change of behaviour is intended, and say so in the commit):
     .venv/bin/python tests/golden.py --record
@@ -38,6 +39,9 @@ CASES: dict[str, dict] = {
     "lora-2-workers": {"adapter": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                        "train": {"num_workers": 2, "zero_stage": 2}},
 }
+WEIGHT_TOLERANCE = 1e-3
+"""Largest relative (Frobenius) difference of a recorded weight tensor; 15x what float kernels differ by
+between the AMD and Intel machines of this machine kind (6.5e-5, lora's down_proj lora_B)."""
 METRICS = ("accuracy", "balanced_accuracy", "mcc", "f1", "eval_loss", "perplexity")
 
 
@@ -72,7 +76,7 @@ def recorded_weights(case: str) -> dict[str, dict]:
 
 
 def assert_recorded(case: str, weights: dict[str, dict], losses: list[float], metrics: dict) -> None:
-    """The outputs of a run of `case` are the recorded ones, to float32 rounding."""
+    """The outputs of a run of `case` are the recorded ones, to what float kernels differ by across CPUs."""
     import pytest
     import torch
 
@@ -87,7 +91,10 @@ def assert_recorded(case: str, weights: dict[str, dict], losses: list[float], me
             mine = weights[name][key]
             assert mine.dtype == t.dtype and mine.shape == t.shape, key
             if t.is_floating_point():
-                assert torch.allclose(mine, t, rtol=1e-4, atol=1e-5), (key, (mine - t).abs().max())
+                # relative to the tensor's norm: a changed behaviour (a step more or less, another
+                # batch order) moves it by 1e-1 or more; AMD against Intel kernels by at most 6.5e-5
+                off = (mine - t).norm() / t.norm().clamp(min=1e-12) if t.numel() else 0.0
+                assert off <= WEIGHT_TOLERANCE, (key, float(off))
             else:  # masks, indices
                 assert torch.equal(mine, t), key
 
